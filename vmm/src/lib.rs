@@ -1,1 +1,27 @@
-//! understudy-vmm
+//! The Understudy micro-VMM, built on kvm-ioctls.
+//!
+//! - [`memory`]: guest memory in memfd-backed regions that another VM can map without a copy;
+//! - [`vm`]: a VM with vCPU threads, `pause()`/`resume()`, `take_dirty()`, state and restore;
+//! - [`state`]: the versioned VM state blob, saved component by component ([`state::Persist`]);
+//! - [`devices::serial`]: COM1 behind the output-commit gate;
+//! - [`boot`]: CPL3 long-mode start and the multiboot v1 loader;
+//! - [`guests`]: the built-in workloads (`idle`, `dirty`, `ledger`).
+//!
+//! All of the workspace's `unsafe` lives here (KVM, mmap, signals), each block with a
+//! `// SAFETY:` comment.
+
+pub mod boot;
+pub mod devices;
+pub mod dirty;
+pub mod guests;
+pub mod memory;
+pub mod state;
+mod vcpu;
+pub mod vm;
+
+pub use devices::serial::OutputGate;
+pub use dirty::DirtySet;
+pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
+pub use state::VmState;
+pub use vcpu::ExitReason;
+pub use vm::{Boot, Vm, VmConfig, VmError};

@@ -1,0 +1,356 @@
+//! One vCPU's state: general, segment, control and debug registers, FPU/SSE (XSAVE where the
+//! host allows it), XCRs, pending events, MP state, the MSRs that matter (TSC included) and, for
+//! VMs with an in-kernel irqchip, the local APIC.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+
+use super::{Persist, Reader, StateDecodeError, Writer};
+
+/// MSRs we save when the host lets us read them: TSC, SYSENTER, PAT, MISC_ENABLE, the SYSCALL
+/// MSRs, KERNEL_GS_BASE, TSC_AUX, and for irqchip VMs the APIC base and TSC deadline.
+pub const MSRS_OF_INTEREST: &[u32] = &[
+    0x10,       // IA32_TSC
+    0x1b,       // IA32_APIC_BASE
+    0x174,      // SYSENTER_CS
+    0x175,      // SYSENTER_ESP
+    0x176,      // SYSENTER_EIP
+    0x1a0,      // MISC_ENABLE
+    0x277,      // PAT
+    0x6e0,      // TSC_DEADLINE
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+/// Upper bound on MSR entries in a decoded state.
+const MAX_MSRS: usize = 256;
+
+/// Plain-old-data KVM structures that are saved as their raw bytes.
+///
+/// # Safety
+/// Implementors must consist of integers (and arrays/unions of integers) only, so that every
+/// bit pattern of `size_of::<Self>()` bytes is a valid value, and must carry no pointers.
+unsafe trait Pod: Copy + Default {}
+// SAFETY: all of these are bindgen copies of the kernel's KVM UAPI structs made of integer
+// fields, integer arrays and unions of those; none holds a pointer. Explicit padding fields are
+// integers too.
+unsafe impl Pod for kvm_regs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_sregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_fpu {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_xcrs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_debugregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_vcpu_events {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_mp_state {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_lapic_state {}
+
+fn put<T: Pod>(w: &mut Writer, v: &T) {
+    // SAFETY: `T: Pod` is integers only, so viewing its `size_of::<T>()` bytes as `u8` reads
+    // initialised memory (values come from the kernel or `Default`, which zero every byte of
+    // these repr(C) structs) and the slice lives no longer than the borrow of `v`.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    };
+    w.bytes(bytes);
+}
+
+fn get<T: Pod>(r: &mut Reader<'_>) -> Result<T, StateDecodeError> {
+    let b = r.bytes(std::mem::size_of::<T>())?;
+    if b.len() != std::mem::size_of::<T>() {
+        return Err(StateDecodeError::Section("register block of the wrong size"));
+    }
+    // SAFETY: `b` holds exactly `size_of::<T>()` bytes and `T: Pod` accepts any bit pattern;
+    // `read_unaligned` copes with the byte buffer's alignment.
+    Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+fn put_opt<T: Pod>(w: &mut Writer, v: &Option<T>) {
+    match v {
+        Some(v) => {
+            w.u8(1);
+            put(w, v);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn get_opt<T: Pod>(r: &mut Reader<'_>) -> Result<Option<T>, StateDecodeError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(get(r)?)),
+        _ => Err(StateDecodeError::Section("bad option tag")),
+    }
+}
+
+/// The legacy 4 KiB XSAVE area as KVM_GET_XSAVE returns it.
+#[derive(Clone, Copy)]
+pub struct XsaveArea(pub [u32; 1024]);
+
+impl Default for XsaveArea {
+    fn default() -> Self {
+        XsaveArea([0; 1024])
+    }
+}
+// SAFETY: an array of integers; every bit pattern is valid.
+unsafe impl Pod for XsaveArea {}
+
+impl XsaveArea {
+    fn to_kvm(self) -> kvm_xsave {
+        let mut x = kvm_xsave::default();
+        x.region = self.0;
+        x
+    }
+}
+
+/// Saved state of one vCPU.
+#[derive(Clone, Default)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: kvm_fpu,
+    /// The 4 KiB XSAVE area (`kvm_xsave.region`), where the host supports it.
+    pub xsave: Option<XsaveArea>,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub lapic: Option<kvm_lapic_state>,
+    /// (index, value) pairs.
+    pub msrs: Vec<(u32, u64)>,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("rsp", &format_args!("{:#x}", self.regs.rsp))
+            .field("cr3", &format_args!("{:#x}", self.sregs.cr3))
+            .field("xsave", &self.xsave.is_some())
+            .field("msrs", &self.msrs.len())
+            .finish()
+    }
+}
+
+impl PartialEq for VcpuState {
+    fn eq(&self, other: &Self) -> bool {
+        let mut a = Writer::default();
+        let mut b = Writer::default();
+        self.encode(&mut a);
+        other.encode(&mut b);
+        a.0 == b.0
+    }
+}
+
+impl VcpuState {
+    pub(super) fn encode(&self, w: &mut Writer) {
+        put(w, &self.regs);
+        put(w, &self.sregs);
+        put(w, &self.fpu);
+        put_opt(w, &self.xsave);
+        put_opt(w, &self.xcrs);
+        put(w, &self.debugregs);
+        put(w, &self.events);
+        put(w, &self.mp_state);
+        put_opt(w, &self.lapic);
+        w.u32(self.msrs.len() as u32);
+        for (i, v) in &self.msrs {
+            w.u32(*i);
+            w.u64(*v);
+        }
+    }
+
+    pub(super) fn decode(r: &mut Reader<'_>) -> Result<Self, StateDecodeError> {
+        let regs = get(r)?;
+        let sregs = get(r)?;
+        let fpu = get(r)?;
+        let xsave = get_opt(r)?;
+        let xcrs = get_opt(r)?;
+        let debugregs = get(r)?;
+        let events = get(r)?;
+        let mp_state = get(r)?;
+        let lapic = get_opt(r)?;
+        let n = r.u32()? as usize;
+        if n > MAX_MSRS {
+            return Err(StateDecodeError::Section("too many MSRs"));
+        }
+        let mut msrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            msrs.push((r.u32()?, r.u64()?));
+        }
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            debugregs,
+            events,
+            mp_state,
+            lapic,
+            msrs,
+        })
+    }
+
+    /// The guest's TSC at the moment of the save, if it was saved.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs.iter().find(|(i, _)| *i == 0x10).map(|(_, v)| *v)
+    }
+}
+
+/// A failed save or restore of a vCPU.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VcpuStateError {
+    #[error("{what} of vCPU failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the host accepted {done} of {wanted} MSRs")]
+    Msrs { done: usize, wanted: usize },
+}
+
+fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuStateError> {
+    r.map_err(|source| VcpuStateError::Ioctl { what, source })
+}
+
+/// A vCPU's file descriptor together with what the host lets us save of it.
+pub struct KvmVcpu<'a> {
+    /// The vCPU.
+    pub fd: &'a VcpuFd,
+    /// MSRs this host can read and write (probed once per VM).
+    pub msrs: &'a [u32],
+    /// Whether KVM_GET_XSAVE works here.
+    pub xsave: bool,
+    /// Whether the VM has an in-kernel LAPIC.
+    pub lapic: bool,
+}
+
+impl KvmVcpu<'_> {
+    /// Which of [`MSRS_OF_INTEREST`] this vCPU lets us read (PVM refuses some).
+    pub fn probe_msrs(fd: &VcpuFd) -> Vec<u32> {
+        MSRS_OF_INTEREST
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let Ok(mut m) = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                    index: i,
+                    ..Default::default()
+                }]) else {
+                    return false;
+                };
+                fd.get_msrs(&mut m) == Ok(1)
+            })
+            .collect()
+    }
+}
+
+impl Persist for KvmVcpu<'_> {
+    type State = VcpuState;
+    type Error = VcpuStateError;
+
+    fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        let fd = self.fd;
+        let entries: Vec<_> = self
+            .msrs
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs {
+            done: 0,
+            wanted: entries.len(),
+        })?;
+        let done = ioctl("KVM_GET_MSRS", fd.get_msrs(&mut msrs))?;
+        if done != entries.len() {
+            return Err(VcpuStateError::Msrs {
+                done,
+                wanted: entries.len(),
+            });
+        }
+        Ok(VcpuState {
+            regs: ioctl("KVM_GET_REGS", fd.get_regs())?,
+            sregs: ioctl("KVM_GET_SREGS", fd.get_sregs())?,
+            fpu: ioctl("KVM_GET_FPU", fd.get_fpu())?,
+            xsave: if self.xsave {
+                Some(XsaveArea(ioctl("KVM_GET_XSAVE", fd.get_xsave())?.region))
+            } else {
+                None
+            },
+            xcrs: if self.xsave {
+                Some(ioctl("KVM_GET_XCRS", fd.get_xcrs())?)
+            } else {
+                None
+            },
+            debugregs: ioctl("KVM_GET_DEBUGREGS", fd.get_debug_regs())?,
+            events: ioctl("KVM_GET_VCPU_EVENTS", fd.get_vcpu_events())?,
+            mp_state: ioctl("KVM_GET_MP_STATE", fd.get_mp_state())?,
+            lapic: if self.lapic {
+                Some(ioctl("KVM_GET_LAPIC", fd.get_lapic())?)
+            } else {
+                None
+            },
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+        })
+    }
+
+    fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuStateError> {
+        let fd = self.fd;
+        ioctl("KVM_SET_MP_STATE", fd.set_mp_state(s.mp_state))?;
+        ioctl("KVM_SET_SREGS", fd.set_sregs(&s.sregs))?;
+        ioctl("KVM_SET_REGS", fd.set_regs(&s.regs))?;
+        match (&s.xsave, self.xsave) {
+            (Some(x), true) => {
+                let x = x.to_kvm();
+                // SAFETY: `x` is a full legacy `kvm_xsave` (the 4 KiB region); KVM_SET_XSAVE
+                // without KVM_CAP_XSAVE2 reads exactly that struct, so nothing past it is read.
+                ioctl("KVM_SET_XSAVE", unsafe { fd.set_xsave(&x) })?;
+            }
+            _ => ioctl("KVM_SET_FPU", fd.set_fpu(&s.fpu))?,
+        }
+        if let (Some(x), true) = (&s.xcrs, self.xsave) {
+            ioctl("KVM_SET_XCRS", fd.set_xcrs(x))?;
+        }
+        ioctl("KVM_SET_DEBUGREGS", fd.set_debug_regs(&s.debugregs))?;
+        if let (Some(l), true) = (&s.lapic, self.lapic) {
+            ioctl("KVM_SET_LAPIC", fd.set_lapic(l))?;
+        }
+        let entries: Vec<_> = s
+            .msrs
+            .iter()
+            .filter(|(i, _)| self.msrs.contains(i))
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs {
+            done: 0,
+            wanted: entries.len(),
+        })?;
+        let done = ioctl("KVM_SET_MSRS", fd.set_msrs(&msrs))?;
+        if done != entries.len() {
+            return Err(VcpuStateError::Msrs {
+                done,
+                wanted: entries.len(),
+            });
+        }
+        ioctl("KVM_SET_VCPU_EVENTS", fd.set_vcpu_events(&s.events))?;
+        Ok(())
+    }
+}

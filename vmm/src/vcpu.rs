@@ -1,0 +1,296 @@
+//! vCPU threads: run loop, port I/O, and the kick that takes a vCPU out of `KVM_RUN`.
+//!
+//! The kick (MACHINE.md): each vCPU thread keeps a pointer to its `kvm_run` in a thread-local
+//! that the SIGRTMIN handler reads. The controller first records the request (pause or stop)
+//! under the vCPU's lock, then signals the thread; the handler sets `immediate_exit = 1`.
+//! `KVM_RUN` then returns EINTR, or, if the signal landed between two `KVM_RUN` calls, the next
+//! `KVM_RUN` returns at once. Either way the thread re-reads the request before entering the guest
+//! again, so a kick is never lost. The thread clears `immediate_exit`, saves its state, acks and
+//! parks.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::serial::SerialConsole;
+use crate::guests::layout::EXIT_PORT;
+use crate::state::vcpu::KvmVcpu;
+use crate::state::{Persist, VcpuState, VcpuStateError};
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this very thread to its vCPU's `kvm_run` mapping, which
+        // stays mapped until the thread clears the pointer before dropping the vCPU; a volatile
+        // byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub(crate) fn install_kick_handler() -> Result<(), std::io::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest wrote its exit code to the exit port.
+    Guest(u32),
+    /// The guest triple-faulted.
+    Shutdown,
+    /// The guest halted (CPL0 guests only; a CPL3 `hlt` faults).
+    Halt,
+    /// KVM failed to run the vCPU.
+    Failed(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct Ctl {
+    want: Want,
+    parked: bool,
+    saved: Option<Result<VcpuState, VcpuStateError>>,
+    done: bool,
+}
+
+/// What the controller and a vCPU thread share.
+pub(crate) struct Shared {
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where a VM's exits are reported.
+pub(crate) struct ExitLatch {
+    reason: Mutex<Option<ExitReason>>,
+    cv: Condvar,
+}
+
+impl ExitLatch {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(ExitLatch {
+            reason: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+    fn set(&self, r: ExitReason) {
+        let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(r);
+        }
+        self.cv.notify_all();
+    }
+    pub(crate) fn get(&self) -> Option<ExitReason> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub(crate) fn wait(&self, timeout: std::time::Duration) -> Option<ExitReason> {
+        let g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        g.clone()
+    }
+}
+
+/// What a vCPU thread needs besides its fd.
+pub(crate) struct VcpuEnv {
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub exit: Arc<ExitLatch>,
+    pub msrs: Arc<[u32]>,
+    pub xsave: bool,
+    pub lapic: bool,
+}
+
+/// The controller's handle on one vCPU thread.
+pub(crate) struct VcpuHandle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts a thread running `fd`; it parks at once if `start_paused`.
+    pub(crate) fn spawn(
+        id: usize,
+        fd: VcpuFd,
+        env: VcpuEnv,
+        start_paused: bool,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                want: if start_paused { Want::Pause } else { Want::Run },
+                parked: false,
+                saved: None,
+                done: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_thread(fd, env, &s))?;
+        Ok(VcpuHandle {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn request(&self, want: Want) {
+        let mut c = self.shared.lock();
+        if c.done {
+            return;
+        }
+        c.want = want;
+        if want == Want::Pause {
+            c.saved = None;
+        }
+        drop(c);
+        self.shared.cv.notify_all();
+        if want != Want::Run {
+            if let Some(t) = &self.thread {
+                // An error here means the thread already ended, which `done` reports.
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Asks the vCPU to leave the guest and park (does not wait).
+    pub(crate) fn kick_pause(&self) {
+        self.request(Want::Pause);
+    }
+
+    /// Waits until the vCPU is parked (or has ended) and returns the state it saved.
+    pub(crate) fn wait_parked(&self) -> Option<Result<VcpuState, VcpuStateError>> {
+        let c = self.shared.lock();
+        let mut c = self
+            .shared
+            .cv
+            .wait_while(c, |c| !(c.parked && c.saved.is_some()) && !c.done)
+            .unwrap_or_else(|e| e.into_inner());
+        c.saved.take()
+    }
+
+    /// Lets a parked vCPU run again.
+    pub(crate) fn resume(&self) {
+        self.request(Want::Run);
+    }
+
+    /// Stops and joins the thread.
+    pub(crate) fn stop(&mut self) {
+        self.request(Want::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_thread(mut fd: VcpuFd, env: VcpuEnv, shared: &Shared) {
+    KVM_RUN.with(|p| p.set(fd.get_kvm_run()));
+    let outcome = run_loop(&mut fd, &env, shared);
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    if let Some(reason) = outcome {
+        env.exit.set(reason);
+    }
+    let mut c = shared.lock();
+    c.done = true;
+    drop(c);
+    shared.cv.notify_all();
+}
+
+/// Returns why the guest stopped, or `None` when the controller asked it to.
+fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReason> {
+    loop {
+        {
+            let mut c = shared.lock();
+            if c.want == Want::Pause {
+                fd.set_kvm_immediate_exit(0);
+                let saved = KvmVcpu {
+                    fd,
+                    msrs: &env.msrs,
+                    xsave: env.xsave,
+                    lapic: env.lapic,
+                }
+                .save();
+                c.saved = Some(saved);
+                c.parked = true;
+                shared.cv.notify_all();
+                c = shared
+                    .cv
+                    .wait_while(c, |c| c.want == Want::Pause)
+                    .unwrap_or_else(|e| e.into_inner());
+                c.parked = false;
+            }
+            if c.want == Want::Stop {
+                return None;
+            }
+        }
+        match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if port == EXIT_PORT {
+                    let mut code = [0u8; 4];
+                    let n = data.len().min(4);
+                    code[..n].copy_from_slice(&data[..n]);
+                    return Some(ExitReason::Guest(u32::from_le_bytes(code)));
+                }
+                let mut serial = env.serial.lock().unwrap_or_else(|e| e.into_inner());
+                if serial.handles(port) {
+                    for b in data.iter() {
+                        serial.port_write(port, *b);
+                    }
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let mut serial = env.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let v = if serial.handles(port) {
+                    serial.port_read(port)
+                } else {
+                    0xff
+                };
+                data.fill(v);
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Hlt) => return Some(ExitReason::Halt),
+            Ok(VcpuExit::Shutdown) => return Some(ExitReason::Shutdown),
+            Ok(other) => return Some(ExitReason::Failed(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR => fd.set_kvm_immediate_exit(0),
+            Err(e) if e.errno() == libc::EAGAIN => {}
+            Err(e) => return Some(ExitReason::Failed(format!("KVM_RUN: {e}"))),
+        }
+    }
+}

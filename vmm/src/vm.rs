@@ -1,0 +1,480 @@
+//! A running VM: KVM VM fd, memory slots, vCPU threads, COM1 with its output gate, and the dirty
+//! tracker.
+//!
+//! ```text
+//!   Vm::boot(config, Boot)        fresh memory, load guest, vCPUs start
+//!   Vm::restore(memory, state)    existing memfds + state blob, vCPUs continue
+//!   pause() -> VmState            every vCPU out of KVM_RUN, state saved
+//!   take_dirty() -> DirtySet      KVM log OR the VMM's own writes, since the last call
+//!   resume()
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::boot::{longmode, multiboot};
+use crate::devices::serial::{OutputGate, SerialConsole, SerialStateError};
+use crate::dirty::DirtySet;
+use crate::guests::layout::COM1_PORT;
+use crate::memory::{GuestMemory, MemoryError, RegionSpec};
+use crate::state::vcpu::KvmVcpu;
+use crate::state::{Persist, VcpuStateError, VmState};
+use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, VcpuEnv, VcpuHandle};
+
+/// Largest number of vCPUs we start.
+pub const MAX_VCPUS: u8 = 8;
+
+/// How to make a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest memory layout.
+    pub regions: Vec<RegionSpec>,
+    /// Number of vCPUs (1 by default).
+    pub vcpus: u8,
+    /// Track dirty pages from the start.
+    pub dirty_logging: bool,
+}
+
+impl VmConfig {
+    /// One region of `bytes` at guest-physical 0, one vCPU, no dirty logging.
+    pub fn new(bytes: u64) -> Self {
+        VmConfig {
+            regions: vec![RegionSpec { gpa: 0, size: bytes }],
+            vcpus: 1,
+            dirty_logging: false,
+        }
+    }
+}
+
+/// What the guest starts from.
+pub enum Boot<'a> {
+    /// A built-in guest: code loaded at `CODE_GPA`, started in CPL3 long mode at `entry`.
+    Program {
+        /// Machine code.
+        code: &'a [u8],
+        /// Guest-physical address of the first instruction.
+        entry: u64,
+    },
+    /// A multiboot v1 image with its command line.
+    Multiboot {
+        /// The image file's bytes.
+        image: &'a [u8],
+        /// Kernel command line.
+        cmdline: &'a str,
+    },
+}
+
+/// Why a VM could not be made, run or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm ({0}); run on a host with KVM and give this user access to /dev/kvm (e.g. the kvm group)")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    #[error("{what} failed")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("loading the multiboot image failed")]
+    Multiboot(#[from] multiboot::MultibootError),
+    #[error("the guest code is {0} bytes; at most {max} fit", max = crate::guests::layout::CODE_MAX)]
+    CodeTooLarge(usize),
+    #[error("{0} vCPUs requested; 1..={MAX_VCPUS} supported")]
+    VcpuCount(u8),
+    #[error("vCPU state")]
+    VcpuState(#[from] VcpuStateError),
+    #[error(transparent)]
+    Serial(#[from] SerialStateError),
+    #[error("the state describes {state} vCPUs / regions {state_regions:?}, the memory has {memory:?}")]
+    StateMismatch {
+        state: usize,
+        state_regions: Vec<RegionSpec>,
+        memory: Vec<RegionSpec>,
+    },
+    #[error("starting a vCPU thread failed")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU {0} ended before it could be paused")]
+    VcpuGone(usize),
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("reading the dirty log of slot {slot} failed; its pages stay pending for the next call")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("dirty logging is off")]
+    DirtyLoggingOff,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A VM whose vCPUs run on their own threads.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    memory: Arc<GuestMemory>,
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialConsole>>,
+    exit: Arc<ExitLatch>,
+    tsc_khz: u32,
+    irqchip: bool,
+    dirty_logging: bool,
+    /// Dirty bits read from KVM but not yet handed out (a failed `take_dirty` keeps them here).
+    pending: Vec<Vec<u64>>,
+    paused: Option<Vec<crate::state::VcpuState>>,
+    #[doc(hidden)]
+    pub fail_dirty_read_of_slot: Option<u32>,
+}
+
+struct Prepared {
+    kvm: Kvm,
+    fd: VmFd,
+    vcpu_fds: Vec<VcpuFd>,
+    msrs: Arc<[u32]>,
+    xsave: bool,
+    tsc_khz: u32,
+}
+
+fn prepare(
+    memory: &GuestMemory,
+    vcpus: u8,
+    dirty_logging: bool,
+    irqchip: bool,
+) -> Result<Prepared, VmError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(VmError::VcpuCount(vcpus));
+    }
+    install_kick_handler().map_err(VmError::Thread)?;
+    let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    if irqchip {
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    }
+    set_slots(&fd, memory, dirty_logging)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpu_fds = Vec::new();
+    for id in 0..vcpus {
+        let v = fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut c = cpuid.clone();
+        for e in c.as_mut_slice() {
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
+            }
+            if e.function == 0xb || e.function == 0x1f {
+                e.edx = u32::from(id);
+            }
+        }
+        v.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu_fds.push(v);
+    }
+    let msrs: Arc<[u32]> = KvmVcpu::probe_msrs(&vcpu_fds[0]).into();
+    let xsave = vcpu_fds[0].get_xsave().is_ok() && vcpu_fds[0].get_xcrs().is_ok();
+    let tsc_khz = vcpu_fds[0]
+        .get_tsc_khz()
+        .map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+    Ok(Prepared {
+        kvm,
+        fd,
+        vcpu_fds,
+        msrs,
+        xsave,
+        tsc_khz,
+    })
+}
+
+fn set_slots(fd: &VmFd, memory: &GuestMemory, dirty_logging: bool) -> Result<(), VmError> {
+    for (slot, r) in memory.regions().iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_logging {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: r.spec().gpa,
+            memory_size: r.spec().size,
+            userspace_addr: r.host_addr() as u64,
+        };
+        // SAFETY: the host range [userspace_addr, +memory_size) is the region's live mapping,
+        // which `memory` keeps mapped for as long as the VM exists (the Vm holds an Arc to it and
+        // drops its VmFd, and with it the slot, before the memory).
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Creates fresh memory, loads the guest and starts its vCPUs.
+    pub fn boot(config: &VmConfig, boot: Boot<'_>, gate: Arc<OutputGate>) -> Result<Self, VmError> {
+        let memory = Arc::new(GuestMemory::new(&config.regions)?);
+        let irqchip = matches!(boot, Boot::Multiboot { .. });
+        let p = prepare(&memory, config.vcpus, config.dirty_logging, irqchip)?;
+        let (regs, multiboot) = match boot {
+            Boot::Program { code, entry } => {
+                if code.len() > crate::guests::layout::CODE_MAX {
+                    return Err(VmError::CodeTooLarge(code.len()));
+                }
+                longmode::write_page_tables(&memory)?;
+                memory.write(crate::guests::layout::CODE_GPA, code)?;
+                (longmode::initial_regs(entry), false)
+            }
+            Boot::Multiboot { image, cmdline } => {
+                let e = multiboot::load(&memory, image, cmdline)?;
+                (multiboot::initial_regs(&e), true)
+            }
+        };
+        for (i, v) in p.vcpu_fds.iter().enumerate() {
+            let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            if multiboot {
+                multiboot::setup_sregs(&mut sregs);
+            } else {
+                longmode::setup_sregs(&mut sregs);
+            }
+            v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            let mut r = regs;
+            r.rsp -= (i as u64) * 0x4000; // a separate stack slice per vCPU
+            v.set_regs(&r).map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        let serial = SerialConsole::new(COM1_PORT, gate);
+        Self::start(p, memory, serial, irqchip, config.dirty_logging, false)
+    }
+
+    /// A new VM over existing memory (memfds mapped by the caller, no copy) that continues from
+    /// `state`. Starts running unless `paused`.
+    pub fn restore(
+        memory: GuestMemory,
+        state: &VmState,
+        gate: Arc<OutputGate>,
+        dirty_logging: bool,
+        paused: bool,
+    ) -> Result<Self, VmError> {
+        if memory.specs() != state.regions || state.vcpus.is_empty() {
+            return Err(VmError::StateMismatch {
+                state: state.vcpus.len(),
+                state_regions: state.regions.clone(),
+                memory: memory.specs(),
+            });
+        }
+        let memory = Arc::new(memory);
+        let n = u8::try_from(state.vcpus.len()).map_err(|_| VmError::VcpuCount(u8::MAX))?;
+        let p = prepare(&memory, n, dirty_logging, state.irqchip)?;
+        for (fd, s) in p.vcpu_fds.iter().zip(&state.vcpus) {
+            KvmVcpu {
+                fd,
+                msrs: &p.msrs,
+                xsave: p.xsave,
+                lapic: state.irqchip,
+            }
+            .restore(s)?;
+        }
+        let serial = SerialConsole::from_state(COM1_PORT, gate, &state.serial)?;
+        Self::start(p, memory, serial, state.irqchip, dirty_logging, paused)
+    }
+
+    fn start(
+        p: Prepared,
+        memory: Arc<GuestMemory>,
+        serial: SerialConsole,
+        irqchip: bool,
+        dirty_logging: bool,
+        paused: bool,
+    ) -> Result<Self, VmError> {
+        let serial = Arc::new(Mutex::new(serial));
+        let exit = ExitLatch::new();
+        let mut vcpus = Vec::new();
+        for (id, fd) in p.vcpu_fds.into_iter().enumerate() {
+            let env = VcpuEnv {
+                serial: Arc::clone(&serial),
+                exit: Arc::clone(&exit),
+                msrs: Arc::clone(&p.msrs),
+                xsave: p.xsave,
+                lapic: irqchip,
+            };
+            vcpus.push(VcpuHandle::spawn(id, fd, env, paused).map_err(VmError::Thread)?);
+        }
+        let pending = memory
+            .regions()
+            .iter()
+            .map(|r| vec![0; r.spec().pages().div_ceil(64) as usize])
+            .collect();
+        let mut vm = Vm {
+            _kvm: p.kvm,
+            fd: p.fd,
+            memory,
+            vcpus,
+            serial,
+            exit,
+            tsc_khz: p.tsc_khz,
+            irqchip,
+            dirty_logging,
+            pending,
+            paused: None,
+            fail_dirty_read_of_slot: None,
+        };
+        if paused {
+            vm.pause()?;
+        }
+        Ok(vm)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// The output gate behind COM1.
+    pub fn gate(&self) -> Arc<OutputGate> {
+        Arc::clone(self.serial.lock().unwrap_or_else(|e| e.into_inner()).gate())
+    }
+
+    /// The guest's TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Whether the vCPUs are parked.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Takes every vCPU out of `KVM_RUN`; returns when all are parked with their state saved.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.kick_pause();
+        }
+        let mut states = Vec::with_capacity(self.vcpus.len());
+        let mut failure = None;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            match v.wait_parked() {
+                Some(Ok(s)) => states.push(s),
+                Some(Err(e)) => failure = failure.or(Some(VmError::VcpuState(e))),
+                None => failure = failure.or(Some(VmError::VcpuGone(i))),
+            }
+        }
+        if let Some(e) = failure {
+            for v in &self.vcpus {
+                v.resume();
+            }
+            return Err(e);
+        }
+        self.paused = Some(states);
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) {
+        if self.paused.take().is_some() {
+            for v in &self.vcpus {
+                v.resume();
+            }
+        }
+    }
+
+    /// The full VM state; the VM must be paused.
+    pub fn state(&self) -> Result<VmState, VmError> {
+        let vcpus = self.paused.clone().ok_or(VmError::NotPaused)?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        Ok(VmState {
+            regions: self.memory.specs(),
+            tsc_khz: self.tsc_khz,
+            irqchip: self.irqchip,
+            vcpus,
+            serial,
+        })
+    }
+
+    /// Turns dirty logging on or off (re-registers the memory slots).
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        if on != self.dirty_logging {
+            set_slots(&self.fd, &self.memory, on)?;
+            self.dirty_logging = on;
+        }
+        Ok(())
+    }
+
+    /// Returns and clears the pages written since the last call: the KVM dirty log OR the pages
+    /// the VMM wrote itself. If reading a slot's log fails, everything already read stays pending
+    /// and is returned by the next successful call; nothing is lost.
+    pub fn take_dirty(&mut self) -> Result<DirtySet, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::DirtyLoggingOff);
+        }
+        for (slot, r) in self.memory.regions().iter().enumerate() {
+            let slot = slot as u32;
+            if self.fail_dirty_read_of_slot.take_if(|s| *s == slot).is_some() {
+                return Err(VmError::DirtyLog {
+                    slot,
+                    source: kvm_ioctls::Error::new(libc::EIO),
+                });
+            }
+            let bits = self
+                .fd
+                .get_dirty_log(slot, r.spec().size as usize)
+                .map_err(|source| VmError::DirtyLog { slot, source })?;
+            let pending = &mut self.pending[slot as usize];
+            for (p, b) in pending.iter_mut().zip(bits) {
+                *p |= b;
+            }
+        }
+        let mut out = Vec::with_capacity(self.pending.len());
+        for (r, pending) in self.memory.regions().iter().zip(&mut self.pending) {
+            let mut bits = std::mem::replace(pending, vec![0; pending.len()]);
+            for (b, v) in bits.iter_mut().zip(r.take_vmm_dirty()) {
+                *b |= v;
+            }
+            out.push((r.spec(), bits));
+        }
+        Ok(DirtySet::new(out))
+    }
+
+    /// Waits up to `timeout` for the guest to stop on its own.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitReason> {
+        self.exit.wait(timeout)
+    }
+
+    /// Why the guest stopped, if it did.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.get()
+    }
+
+    /// Stops every vCPU thread and returns the memory (whose memfds may live on elsewhere).
+    pub fn shutdown(mut self) -> Arc<GuestMemory> {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        Arc::clone(&self.memory)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+    }
+}
