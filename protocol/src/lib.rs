@@ -1,1 +1,76 @@
-//! understudy-protocol
+//! # understudy-protocol
+//!
+//! The wire protocol and page codec of Understudy, **sans-IO**: no sockets, no clocks, no tokio.
+//! Bytes go in, messages, decoded chunks and bytes come out (the way `quinn-proto` is built), so
+//! every rule of the wire is tested without a network, and every decoder is fuzzed (`fuzz/`).
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`frame`] | the fixed 16-byte frame header, [`FrameDecoder`] (incremental, bounded) |
+//! | [`message`] | control messages ([`Hello`], [`Welcome`], [`Reject`], [`Commit`], [`Ack`], ...) |
+//! | [`handshake`] | [`answer_hello`]: a received [`Hello`] and local expectations in, [`Welcome`] or an actionable [`Reject`] out |
+//! | [`codec`] | the memory stream: page records, chunks, [`EncoderState`], [`ChunkDecoder`], [`EpochAssembler`] |
+//! | [`digest`] | [`PageTree`]: the page hashes of an image and its Merkle root, the image [`Digest`] |
+//! | [`limits`] | [`Limits`]: every length, count and index read from the wire is bounded by it |
+//!
+//! ## Versions
+//! Frames carry the protocol version they are encoded in. This build speaks versions
+//! [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`] (the current and the previous one):
+//!
+//! | version | what changed |
+//! |---|---|
+//! | 1 | control messages as in [`message`]; chunk format 1 (records `Zero`, `Full`, `Ref`) |
+//! | 2 | chunk format 2 adds `Delta` records (XOR against the page's previous content); messages unchanged |
+//!
+//! The memory stream (the chunk format, [`codec::CHUNK_FORMAT`]) is versioned on its own in every
+//! chunk header; the VM state blob in [`Commit`] is opaque bytes that the `vmm` crate versions.
+//!
+//! ## One epoch, primary to backup
+//! ```text
+//!  primary                                                     backup
+//!  Hello{versions, vm, layout, mode, base} ------------------->
+//!                      <--------------------- Welcome{version, resumed, epoch, digest} | Reject{reason}
+//!  capture E (vCPUs paused), then EncoderState::encode_epoch(E)
+//!  Chunk(E, seq 0) ========= parallel QUIC streams ==========> ChunkDecoder::decode (any worker)
+//!  Chunk(E, seq 1) ==========================================> EpochAssembler::add (any order)
+//!  Commit{E, chunks, pages, state, digest} ------------------> EpochAssembler::commit:
+//!                                                                verify all, check digest, apply
+//!                      <----------------------------------------- Ack(E)
+//!  release E's output
+//!  Heartbeat <---------------------------------------------------> Heartbeat   (both ways)
+//!  Evict / Promote / Goodbye  ------------------------------------>
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod digest;
+pub mod frame;
+pub mod handshake;
+pub mod limits;
+pub mod message;
+mod wire;
+
+pub use codec::{
+    decode_chunk, summarize_pages, ApplyError, ChunkDecoder, ChunkPlan, CommitOutcome,
+    DecodeError, DecodedChunk, DirtyPage, EncodeError, EncodedEpoch, EncoderConfig, EncoderState,
+    EpochAssembler, EpochPlan, EpochStats, PageImage, PageSummary, Replica,
+};
+pub use digest::{Digest, PageHash, PageTree, ZERO_PAGE_HASH};
+pub use frame::{FrameDecoder, FrameError, FrameKind, FRAME_HEADER_LEN, MAGIC};
+pub use handshake::{answer_hello, LocalEnd};
+pub use limits::{Limits, Page, PAGE_SIZE};
+pub use message::{
+    Ack, ChunkFrame, Commit, EpochDigest, Evict, Goodbye, GoodbyeReason, Heartbeat, Hello,
+    MemoryLayout, Message, MessageError, Mode, Promote, Region, Reject, RejectCode, Welcome,
+};
+
+/// The protocol version this build speaks and sends.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still accepts (the previous one).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Whether this build accepts frames of protocol `version`.
+pub fn version_supported(version: u16) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
