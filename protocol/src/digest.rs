@@ -284,7 +284,11 @@ mod tests {
         );
         assert_eq!(x.set(9, a), None);
         for n in 0..70 {
-            assert_eq!(PageTree::zeroed_digest(n), PageTree::zeroed(n).digest(), "n={n}");
+            assert_eq!(
+                PageTree::zeroed_digest(n),
+                PageTree::zeroed(n).digest(),
+                "n={n}"
+            );
         }
     }
 }

@@ -14,7 +14,9 @@
 
 use crate::digest::PageTree;
 use crate::limits::Limits;
-use crate::message::{EpochDigest, Hello, MemoryLayout, Message, Mode, Reject, RejectCode, Welcome};
+use crate::message::{
+    EpochDigest, Hello, MemoryLayout, Message, Mode, Reject, RejectCode, Welcome,
+};
 use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// What the backup side knows and wants, to answer a [`Hello`].

@@ -52,8 +52,8 @@ pub mod message;
 mod wire;
 
 pub use codec::{
-    decode_chunk, summarize_pages, ApplyError, ChunkDecoder, ChunkPlan, CommitOutcome,
-    DecodeError, DecodedChunk, DirtyPage, EncodeError, EncodedEpoch, EncoderConfig, EncoderState,
+    decode_chunk, summarize_pages, ApplyError, ChunkDecoder, ChunkPlan, CommitOutcome, DecodeError,
+    DecodedChunk, DirtyPage, EncodeError, EncodedEpoch, EncoderConfig, EncoderState,
     EpochAssembler, EpochPlan, EpochStats, PageImage, PageSummary, Replica,
 };
 pub use digest::{Digest, PageHash, PageTree, ZERO_PAGE_HASH};

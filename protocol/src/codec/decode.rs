@@ -235,7 +235,11 @@ impl ChunkDecoder {
             return Err(over("seq", seq.into(), l.max_chunks_per_epoch.into()));
         }
         if count > l.max_chunk_records {
-            return Err(over("record count", count.into(), l.max_chunk_records.into()));
+            return Err(over(
+                "record count",
+                count.into(),
+                l.max_chunk_records.into(),
+            ));
         }
         if data_pages > l.max_chunk_data_pages || data_pages > count {
             let max = l.max_chunk_data_pages.min(count);
@@ -342,19 +346,21 @@ impl ChunkDecoder {
             data.reserve_exact(want);
             let z = match &mut self.zstd {
                 Some(z) => z,
-                None => self.zstd.insert(zstd::bulk::Decompressor::new().map_err(|source| {
-                    DecodeError::Decompress {
-                        limit: want,
-                        source,
-                    }
-                })?),
+                None => self
+                    .zstd
+                    .insert(zstd::bulk::Decompressor::new().map_err(|source| {
+                        DecodeError::Decompress {
+                            limit: want,
+                            source,
+                        }
+                    })?),
             };
-            let n = z
-                .decompress_to_buffer(src, &mut data)
-                .map_err(|source| DecodeError::Decompress {
+            let n = z.decompress_to_buffer(src, &mut data).map_err(|source| {
+                DecodeError::Decompress {
                     limit: want,
                     source,
-                })?;
+                }
+            })?;
             if n != want || data.len() != want {
                 return Err(DecodeError::DataSize {
                     expected: want,

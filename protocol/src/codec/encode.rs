@@ -386,7 +386,10 @@ impl EncoderState {
         for (i, p) in pages.iter().enumerate() {
             let Some(s) = self.stamp.get_mut(p.index as usize) else {
                 self.unmark(&pages[..i]);
-                return Err(EncodeError::PageOutOfRange { index: p.index, pages: n });
+                return Err(EncodeError::PageOutOfRange {
+                    index: p.index,
+                    pages: n,
+                });
             };
             if *s == gen {
                 self.unmark(&pages[..i]);
