@@ -25,8 +25,8 @@
 //!   QUIC tells the peer about a new stream only when data arrives on it, so the side that
 //!   opens a control channel must send the first frame.
 
-use bytes::Bytes;
-use quinn::{ConnectionError, ReadExactError, RecvStream, SendStream, VarInt};
+use bytes::{Bytes, BytesMut};
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use thiserror::Error;
 
 /// Size of the length prefix in bytes.
@@ -225,7 +225,10 @@ impl FrameReader {
 
     /// Reads the next frame. Returns `Ok(None)` when the peer finished the stream at a frame
     /// boundary. After an error the reader is poisoned and every later call fails.
-    pub async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, RecvFrameError> {
+    ///
+    /// A frame that arrived in one piece is returned without copying; otherwise its pieces are
+    /// copied once into a buffer of exactly the announced length.
+    pub async fn read_frame(&mut self) -> Result<Option<Bytes>, RecvFrameError> {
         if self.poisoned {
             return Err(RecvFrameError::Poisoned);
         }
@@ -236,12 +239,23 @@ impl FrameReader {
         result
     }
 
-    async fn read_frame_inner(&mut self) -> Result<Option<Vec<u8>>, RecvFrameError> {
+    async fn read_frame_inner(&mut self) -> Result<Option<Bytes>, RecvFrameError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
-        match self.stream.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(self.map_read_error(e, FRAME_HEADER_LEN)),
+        let mut got = 0;
+        while got < FRAME_HEADER_LEN {
+            match self.next_chunk(FRAME_HEADER_LEN - got).await? {
+                Some(chunk) => {
+                    header[got..got + chunk.len()].copy_from_slice(&chunk);
+                    got += chunk.len();
+                }
+                None if got == 0 => return Ok(None),
+                None => {
+                    return Err(RecvFrameError::Truncated {
+                        expected: FRAME_HEADER_LEN,
+                        got,
+                    })
+                }
+            }
         }
         let len = u32::from_be_bytes(header);
         if len > self.max_frame_len {
@@ -252,30 +266,37 @@ impl FrameReader {
                 max: self.max_frame_len,
             });
         }
-        // `len <= max_frame_len`, so this allocation is bounded by the caller's limit.
-        let mut payload = vec![0u8; len as usize];
-        self.stream
-            .read_exact(&mut payload)
-            .await
-            .map_err(|e| self.map_read_error(e, payload.len()))?;
-        Ok(Some(payload))
+        // `len <= max_frame_len`: every buffer below is bounded by the caller's limit.
+        let len = len as usize;
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let truncated = |got| RecvFrameError::Truncated { expected: len, got };
+        let first = self.next_chunk(len).await?.ok_or_else(|| truncated(0))?;
+        if first.len() == len {
+            return Ok(Some(first));
+        }
+        let mut payload = BytesMut::with_capacity(len);
+        payload.extend_from_slice(&first);
+        while payload.len() < len {
+            let chunk = self
+                .next_chunk(len - payload.len())
+                .await?
+                .ok_or_else(|| truncated(payload.len()))?;
+            payload.extend_from_slice(&chunk);
+        }
+        Ok(Some(payload.freeze()))
     }
 
-    /// Reads the next frame as [`Bytes`] (no copy).
-    pub async fn read_frame_bytes(&mut self) -> Result<Option<Bytes>, RecvFrameError> {
-        Ok(self.read_frame().await?.map(Bytes::from))
-    }
-
-    fn map_read_error(&self, e: ReadExactError, expected: usize) -> RecvFrameError {
-        match e {
-            ReadExactError::FinishedEarly(got) => RecvFrameError::Truncated { expected, got },
-            ReadExactError::ReadError(quinn::ReadError::Reset(code)) => RecvFrameError::Reset {
+    /// The next piece of the stream, at most `max` bytes; `None` at the end of the stream.
+    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, RecvFrameError> {
+        match self.stream.read_chunk(max, true).await {
+            Ok(chunk) => Ok(chunk.map(|c| c.bytes)),
+            Err(quinn::ReadError::Reset(code)) => Err(RecvFrameError::Reset {
                 code: code.into_inner(),
-            },
-            ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => {
-                RecvFrameError::ConnectionLost(e)
-            }
-            ReadExactError::ReadError(_) => RecvFrameError::Poisoned,
+            }),
+            Err(quinn::ReadError::ConnectionLost(e)) => Err(RecvFrameError::ConnectionLost(e)),
+            Err(_) => Err(RecvFrameError::Poisoned),
         }
     }
 
@@ -313,7 +334,7 @@ impl ControlChannel {
     }
 
     /// Receives one control frame; `Ok(None)` when the peer finished its side.
-    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, RecvFrameError> {
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, RecvFrameError> {
         self.reader.read_frame().await
     }
 
