@@ -58,6 +58,10 @@ pub use tls::{TransportOptions, ALPN};
 
 /// Re-exported so callers can name `Bytes` frames without their own dependency.
 pub use bytes::Bytes;
+/// Re-exported: some errors carry quinn types (e.g. [`quinn::ConnectionError`]).
+pub use quinn;
+/// Re-exported for callers that build a non-standard TLS setup with [`tls`].
+pub use rustls;
 
 /// Displays an error followed by its `source()` chain, for log lines.
 #[derive(Debug, Clone, Copy)]
