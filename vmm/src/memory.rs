@@ -120,7 +120,10 @@ unsafe impl Sync for Region {}
 
 impl Region {
     fn validate(spec: &RegionSpec) -> Result<(), MemoryError> {
-        if spec.size == 0 || spec.gpa % PAGE_SIZE != 0 || spec.size % PAGE_SIZE != 0 {
+        if spec.size == 0
+            || !spec.gpa.is_multiple_of(PAGE_SIZE)
+            || !spec.size.is_multiple_of(PAGE_SIZE)
+        {
             return Err(MemoryError::Unaligned {
                 gpa: spec.gpa,
                 size: spec.size,
@@ -205,9 +208,7 @@ impl Region {
     }
 
     fn contains(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.spec.gpa
-            && len <= self.spec.size
-            && gpa - self.spec.gpa <= self.spec.size - len
+        gpa >= self.spec.gpa && len <= self.spec.size && gpa - self.spec.gpa <= self.spec.size - len
     }
 
     fn mark_vmm_dirty(&self, offset: u64, len: u64) {
@@ -380,11 +381,7 @@ impl GuestMemory {
         // SAFETY: `contains` checked the destination range lies inside the mapping; `data` is a
         // host buffer, distinct from guest memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                r.host.add(offset as usize),
-                data.len(),
-            );
+            std::ptr::copy_nonoverlapping(data.as_ptr(), r.host.add(offset as usize), data.len());
         }
         r.mark_vmm_dirty(offset, data.len() as u64);
         Ok(())
@@ -413,11 +410,17 @@ mod tests {
     #[test]
     fn rejects_sizes_outside_range() {
         assert!(matches!(
-            GuestMemory::new(&[RegionSpec { gpa: 0, size: 1 << 20 }]),
+            GuestMemory::new(&[RegionSpec {
+                gpa: 0,
+                size: 1 << 20
+            }]),
             Err(MemoryError::TotalSize(_))
         ));
         assert!(matches!(
-            GuestMemory::new(&[RegionSpec { gpa: 0, size: (16 << 20) + 1 }]),
+            GuestMemory::new(&[RegionSpec {
+                gpa: 0,
+                size: (16 << 20) + 1
+            }]),
             Err(MemoryError::Unaligned { .. })
         ));
     }

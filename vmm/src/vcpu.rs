@@ -110,7 +110,10 @@ impl ExitLatch {
         self.cv.notify_all();
     }
     pub(crate) fn get(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
     pub(crate) fn wait(&self, timeout: std::time::Duration) -> Option<ExitReason> {
         let g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,7 +197,7 @@ impl VcpuHandle {
         let mut c = self
             .shared
             .cv
-            .wait_while(c, |c| !(c.parked && c.saved.is_some()) && !c.done)
+            .wait_while(c, |c| !(c.done || c.parked && c.saved.is_some()))
             .unwrap_or_else(|e| e.into_inner());
         c.saved.take()
     }

@@ -42,7 +42,10 @@ impl VmConfig {
     /// One region of `bytes` at guest-physical 0, one vCPU, no dirty logging.
     pub fn new(bytes: u64) -> Self {
         VmConfig {
-            regions: vec![RegionSpec { gpa: 0, size: bytes }],
+            regions: vec![RegionSpec {
+                gpa: 0,
+                size: bytes,
+            }],
             vcpus: 1,
             dirty_logging: false,
         }
@@ -58,6 +61,8 @@ pub enum Boot<'a> {
         /// Guest-physical address of the first instruction.
         entry: u64,
     },
+    /// A built-in workload, generated for this VM's memory size and TSC frequency.
+    Workload(&'a crate::guests::Workload),
     /// A multiboot v1 image with its command line.
     Multiboot {
         /// The image file's bytes.
@@ -82,6 +87,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error("loading the multiboot image failed")]
     Multiboot(#[from] multiboot::MultibootError),
+    #[error(transparent)]
+    Guest(#[from] crate::guests::GuestBuildError),
     #[error("the guest code is {0} bytes; at most {max} fit", max = crate::guests::layout::CODE_MAX)]
     CodeTooLarge(usize),
     #[error("{0} vCPUs requested; 1..={MAX_VCPUS} supported")]
@@ -90,7 +97,9 @@ pub enum VmError {
     VcpuState(#[from] VcpuStateError),
     #[error(transparent)]
     Serial(#[from] SerialStateError),
-    #[error("the state describes {state} vCPUs / regions {state_regions:?}, the memory has {memory:?}")]
+    #[error(
+        "the state describes {state} vCPUs / regions {state_regions:?}, the memory has {memory:?}"
+    )]
     StateMismatch {
         state: usize,
         state_regions: Vec<RegionSpec>,
@@ -102,7 +111,9 @@ pub enum VmError {
     VcpuGone(usize),
     #[error("the VM is not paused")]
     NotPaused,
-    #[error("reading the dirty log of slot {slot} failed; its pages stay pending for the next call")]
+    #[error(
+        "reading the dirty log of slot {slot} failed; its pages stay pending for the next call"
+    )]
     DirtyLog {
         slot: u32,
         #[source]
@@ -156,7 +167,8 @@ fn prepare(
     let kvm = Kvm::new().map_err(VmError::NoKvm)?;
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     if irqchip {
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     }
     set_slots(&fd, memory, dirty_logging)?;
     let cpuid = kvm
@@ -222,15 +234,24 @@ impl Vm {
         let memory = Arc::new(GuestMemory::new(&config.regions)?);
         let irqchip = matches!(boot, Boot::Multiboot { .. });
         let p = prepare(&memory, config.vcpus, config.dirty_logging, irqchip)?;
-        let (regs, multiboot) = match boot {
-            Boot::Program { code, entry } => {
-                if code.len() > crate::guests::layout::CODE_MAX {
-                    return Err(VmError::CodeTooLarge(code.len()));
-                }
-                longmode::write_page_tables(&memory)?;
-                memory.write(crate::guests::layout::CODE_GPA, code)?;
-                (longmode::initial_regs(entry), false)
+        let load_program = |code: &[u8], entry: u64| -> Result<_, VmError> {
+            if code.len() > crate::guests::layout::CODE_MAX {
+                return Err(VmError::CodeTooLarge(code.len()));
             }
+            longmode::write_page_tables(&memory)?;
+            memory.write(crate::guests::layout::CODE_GPA, code)?;
+            Ok((longmode::initial_regs(entry), false))
+        };
+        let (regs, multiboot) = match boot {
+            Boot::Workload(w) => {
+                let env = crate::guests::GuestEnv {
+                    memory_bytes: memory.size(),
+                    tsc_khz: u64::from(p.tsc_khz),
+                };
+                let program = crate::guests::build(w, &env)?;
+                load_program(&program.code, program.entry)?
+            }
+            Boot::Program { code, entry } => load_program(code, entry)?,
             Boot::Multiboot { image, cmdline } => {
                 let e = multiboot::load(&memory, image, cmdline)?;
                 (multiboot::initial_regs(&e), true)
@@ -426,7 +447,11 @@ impl Vm {
         }
         for (slot, r) in self.memory.regions().iter().enumerate() {
             let slot = slot as u32;
-            if self.fail_dirty_read_of_slot.take_if(|s| *s == slot).is_some() {
+            if self
+                .fail_dirty_read_of_slot
+                .take_if(|s| *s == slot)
+                .is_some()
+            {
                 return Err(VmError::DirtyLog {
                     slot,
                     source: kvm_ioctls::Error::new(libc::EIO),

@@ -359,7 +359,10 @@ mod tests {
         for i in 0..blob.len() {
             let mut b = blob.clone();
             b[i] ^= 0x10;
-            assert!(VmState::decode(&b, DEFAULT_STATE_LIMIT).is_err(), "flip at {i}");
+            assert!(
+                VmState::decode(&b, DEFAULT_STATE_LIMIT).is_err(),
+                "flip at {i}"
+            );
         }
         let mut b = blob.clone();
         b[8] = 9;

@@ -13,14 +13,14 @@ use super::{Persist, Reader, StateDecodeError, Writer};
 /// MSRs we save when the host lets us read them: TSC, SYSENTER, PAT, MISC_ENABLE, the SYSCALL
 /// MSRs, KERNEL_GS_BASE, TSC_AUX, and for irqchip VMs the APIC base and TSC deadline.
 pub const MSRS_OF_INTEREST: &[u32] = &[
-    0x10,       // IA32_TSC
-    0x1b,       // IA32_APIC_BASE
-    0x174,      // SYSENTER_CS
-    0x175,      // SYSENTER_ESP
-    0x176,      // SYSENTER_EIP
-    0x1a0,      // MISC_ENABLE
-    0x277,      // PAT
-    0x6e0,      // TSC_DEADLINE
+    0x10,        // IA32_TSC
+    0x1b,        // IA32_APIC_BASE
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x1a0,       // MISC_ENABLE
+    0x277,       // PAT
+    0x6e0,       // TSC_DEADLINE
     0xc000_0081, // STAR
     0xc000_0082, // LSTAR
     0xc000_0083, // CSTAR
@@ -69,7 +69,9 @@ fn put<T: Pod>(w: &mut Writer, v: &T) {
 fn get<T: Pod>(r: &mut Reader<'_>) -> Result<T, StateDecodeError> {
     let b = r.bytes(std::mem::size_of::<T>())?;
     if b.len() != std::mem::size_of::<T>() {
-        return Err(StateDecodeError::Section("register block of the wrong size"));
+        return Err(StateDecodeError::Section(
+            "register block of the wrong size",
+        ));
     }
     // SAFETY: `b` holds exactly `size_of::<T>()` bytes and `T: Pod` accepts any bit pattern;
     // `read_unaligned` copes with the byte buffer's alignment.
@@ -108,9 +110,10 @@ unsafe impl Pod for XsaveArea {}
 
 impl XsaveArea {
     fn to_kvm(self) -> kvm_xsave {
-        let mut x = kvm_xsave::default();
-        x.region = self.0;
-        x
+        kvm_xsave {
+            region: self.0,
+            ..Default::default()
+        }
     }
 }
 
