@@ -49,10 +49,15 @@ impl Console {
 }
 
 fn boot(w: &Workload, memory: u64, dirty_logging: bool) -> (Vm, Console) {
+    boot_vcpus(w, memory, dirty_logging, 1)
+}
+
+fn boot_vcpus(w: &Workload, memory: u64, dirty_logging: bool, vcpus: u8) -> (Vm, Console) {
     require_kvm();
     let console = Console::default();
     let config = VmConfig {
         dirty_logging,
+        vcpus,
         ..VmConfig::new(memory)
     };
     let gate = OutputGate::passthrough(Box::new(console.clone()));
@@ -228,6 +233,22 @@ fn ledger_ticks_in_order_and_matches_the_model() {
             "page {i}"
         );
     }
+}
+
+#[test]
+fn ledger_runs_on_the_first_vcpu_only() {
+    let _one = serial();
+    let p = LedgerParams {
+        pages: 256,
+        stop_after_ticks: 5,
+        ..LedgerParams::default()
+    };
+    let (vm, console) = boot_vcpus(&Workload::Ledger(p.clone()), 32 << 20, false, 2);
+    let exit = vm.wait_exit(Duration::from_secs(30));
+    let text = console.text();
+    assert_eq!(exit, Some(ExitReason::Guest(0)), "console:\n{text}");
+    assert_eq!(check_ticks(&text), 5);
+    assert_eq!(cb(&vm, LEDGER_STEPS_OFFSET), 5 * p.verify_every);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use iced_x86::BlockEncoderOptions;
 
 use super::layout::{
     CODE_GPA, COM1_PORT, CONTROL_GPA, EXIT_PORT, PACE_ORIGIN_COUNT_OFFSET, PACE_ORIGIN_TSC_OFFSET,
-    PACE_REBASES_OFFSET, PROGRESS_OFFSET, RNG_STATE_OFFSET,
+    PACE_REBASES_OFFSET, PROGRESS_OFFSET, RNG_STATE_OFFSET, STACK_TOP,
 };
 use super::model::GOLDEN;
 use super::GuestBuildError;
@@ -152,6 +152,20 @@ impl Asm {
         self.a.rdtsc()?;
         self.a.shl(rdx, 32)?;
         self.a.or(rax, rdx)
+    }
+
+    /// Entry guard: only the vCPU that starts with `RSP = STACK_TOP` (vCPU 0; the VMM gives
+    /// the others lower stacks) runs the workload; any other vCPU spins on `pause` forever
+    /// without touching memory, so the single-threaded guests stay correct with `--vcpus > 1`.
+    pub fn park_secondary_vcpus(&mut self) -> R {
+        let mut first = self.label();
+        let mut spin = self.label();
+        self.a.cmp(rsp, STACK_TOP as i32)?;
+        self.a.je(first)?;
+        self.bind(&mut spin)?;
+        self.a.pause()?;
+        self.a.jmp(spin)?;
+        self.bind(&mut first)
     }
 
     /// Starts the pacing schedule at the current TSC and progress count.

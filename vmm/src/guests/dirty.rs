@@ -90,6 +90,7 @@ pub fn emit(p: &DirtyParams, tsc_khz: u64) -> R<Image> {
     let mut fill_random = asm.label();
 
     // Entry: initialise the control block.
+    asm.park_secondary_vcpus()?;
     asm.a.mov(rax, WORKLOAD_ID_DIRTY)?;
     asm.a.mov(cb(WORKLOAD_ID_OFFSET), rax)?;
     asm.a.mov(cb(PROGRESS_OFFSET), 0)?;

@@ -18,6 +18,7 @@ use super::params::IdleParams;
 /// Emits the `idle` program; returns the code image.
 pub fn emit(p: &IdleParams) -> R<Image> {
     let mut asm = Asm::new()?;
+    asm.park_secondary_vcpus()?;
     let a = &mut asm.a;
     a.mov(rax, WORKLOAD_ID_IDLE)?;
     a.mov(cb(WORKLOAD_ID_OFFSET), rax)?;

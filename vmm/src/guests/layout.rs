@@ -23,6 +23,9 @@
 //!               +----------------------------+
 //! ```
 //!
+//! The guests are single-threaded: only the vCPU that starts with RSP = STACK_TOP runs the
+//! workload; other vCPUs (started with lower stacks) spin on `pause` without touching memory.
+//!
 //! The guest runs at CPL3 in long mode with IOPL 3. It talks to the VMM by port I/O only:
 //! `out COM1_PORT, al` writes one console byte (16550 THR, no need to poll LSR) and
 //! `out EXIT_PORT, eax` stops the VM with the exit code in EAX (0 = done, 1 = CORRUPT).
@@ -90,6 +93,9 @@ pub const PAGE_SIZE: u64 = 0x1000;
 pub const CODE_GPA: u64 = 0x1_0000;
 /// Largest code image.
 pub const CODE_MAX: usize = 0x1_0000;
+/// Where the VMM puts the park loop (`pause; jmp`) that vCPUs other than the first run under a
+/// built-in workload; the last 16 bytes of the code area, so workload code must end before it.
+pub const AP_PARK_GPA: u64 = CODE_GPA + CODE_MAX as u64 - 16;
 /// Lowest stack address.
 pub const STACK_BASE: u64 = 0x2_0000;
 /// Initial RSP.

@@ -51,6 +51,7 @@ pub fn emit(p: &LedgerParams, tsc_khz: u64) -> R<Image> {
     let pages = p.pages as i32;
 
     // Entry: control block and all pages at version 0.
+    asm.park_secondary_vcpus()?;
     {
         let a = &mut asm.a;
         a.mov(rax, WORKLOAD_ID_LEDGER)?;

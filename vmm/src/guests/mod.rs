@@ -12,6 +12,9 @@
 //! restored from its memory and registers continues without the VMM supplying anything. Every
 //! guest keeps its progress counter at [`layout::PROGRESS_GPA`].
 //!
+//! The guests are single-threaded: only the vCPU that starts with `RSP = STACK_TOP` runs the
+//! workload; other vCPUs spin on `pause` without touching memory.
+//!
 //! Paced guests (`dirty`, `ledger` with a rate) pace themselves with `rdtsc` on an absolute
 //! schedule in 1 ms ticks, using the TSC frequency the VMM passes in [`GuestEnv::tsc_khz`];
 //! after a stall (a paused vCPU) they catch up at most 100 ms of work, then go on at the rate.

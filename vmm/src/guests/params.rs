@@ -60,8 +60,11 @@ pub enum ParamError {
     },
     /// The workload does not fit in the guest memory.
     #[error(
-        "--{flag}: {bytes} bytes from the data area at {DATA_GPA:#x} do not fit in {memory_bytes} \
-         bytes of guest memory (at most {max} bytes)"
+        "--{flag}: {} ({bytes} bytes) from the data area at {DATA_GPA:#x} does not fit in {} of \
+         guest memory; at most {} ({max} bytes) fits",
+        fmt_size(*.bytes),
+        fmt_size(*.memory_bytes),
+        fmt_size(*.max)
     )]
     DoesNotFit {
         /// The flag that sets the size.

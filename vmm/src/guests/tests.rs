@@ -391,7 +391,7 @@ fn workloads_must_fit_in_guest_memory() {
     let w = Workload::from_cli("dirty", &HashMap::new()).unwrap();
     let err = build(&w, &small).unwrap_err().to_string();
     assert!(
-        err.contains("--working-set") && err.contains("at most 32505856 bytes"),
+        err.contains("--working-set") && err.contains("at most 31M (32505856 bytes)"),
         "{err}"
     );
     // Exactly the data area fits; one more page does not.
