@@ -185,6 +185,62 @@ fn dirty_catches_up_at_most_100ms_after_a_pause() {
 }
 
 #[test]
+fn dirty_writes_the_content_mix() {
+    let _one = serial();
+    let pages = 4096u64;
+    let w = Workload::from_cli(
+        "dirty",
+        &[
+            ("rate", "0"),
+            ("working-set", "16M"),
+            ("pattern", "sequential"),
+            ("mix", "zero=40,dup=10,text=30,random=20"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    )
+    .unwrap();
+    let (mut vm, _console) = boot(&w, 64 << 20, false);
+    while read_u64(&vm, PROGRESS_GPA) < 3 * pages {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.pause().unwrap();
+    let templates: Vec<Vec<u64>> = (0..4).map(model::dup_template).collect();
+    let mut counts = [0u64; 4]; // zero, dup, text, random
+    for i in 0..pages {
+        let words = page(vm.memory(), i);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let kind = if words.iter().all(|&w| w == 0) {
+            0
+        } else if templates.contains(&words) {
+            1
+        } else if bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b == b' ' || b == b'\n')
+        {
+            assert_eq!(bytes[bytes.len() - 1], b'\n', "text page {i}");
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(
+                text.split_whitespace()
+                    .all(|w| understudy_vmm::guests::TEXT_WORDS.contains(&w)),
+                "text page {i}: {text}"
+            );
+            assert!(text.lines().count() > 40, "text page {i}: {text}");
+            2
+        } else {
+            3
+        };
+        counts[kind] += 1;
+    }
+    eprintln!("dirty content of {pages} pages: zero/dup/text/random = {counts:?}");
+    for (count, pct) in counts.iter().zip([40u64, 10, 30, 20]) {
+        let share = *count as f64 / pages as f64 * 100.0;
+        assert!((share - pct as f64).abs() < 4.0, "{counts:?}");
+    }
+}
+
+#[test]
 fn idle_idles() {
     let _one = serial();
     let w = Workload::from_cli("idle", &Default::default()).unwrap();

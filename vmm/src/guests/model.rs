@@ -1,5 +1,6 @@
-//! Pure-Rust reference model of the guests' PRNG and of the `ledger` guest: the same functions
-//! the generated code computes, so tests (and tools) can predict and check guest memory.
+//! Pure-Rust reference model of the guests' PRNG, of `dirty`'s template pages and of the
+//! `ledger` guest: the same functions the generated code computes, so tests (and tools) can
+//! predict and check guest memory.
 //!
 //! Ledger page `i` at version `v` (a 4 KiB page at `DATA_GPA + i * 4096`, 512 u64 words):
 //!
@@ -54,6 +55,26 @@ impl Rng {
 /// `((r >> 32) * n) >> 32`: the guests' multiply-shift mapping of a PRNG output to `0..n`.
 pub fn scale_high32(r: u64, n: u64) -> u64 {
     ((r >> 32) * n) >> 32
+}
+
+/// One xorshift64 step (13, 7, 17), as `dirty`'s page fills use it.
+pub fn xorshift64(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// The words of `dirty`'s duplicate template page `t` (0..4): an xorshift64 stream from
+/// `TEMPLATE_SEEDS[t]`, each word's high half zero.
+pub fn dup_template(t: usize) -> Vec<u64> {
+    let mut x = super::TEMPLATE_SEEDS[t];
+    (0..WORDS_PER_PAGE)
+        .map(|_| {
+            x = xorshift64(x);
+            x & 0xffff_ffff
+        })
+        .collect()
 }
 
 /// Seed of ledger page `index` at `version`; also its term in the checksum.
