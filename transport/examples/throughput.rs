@@ -5,7 +5,8 @@
 //! cargo run --release -p understudy-transport --example throughput -- [MiB] [streams] [frame KiB]
 //! ```
 //!
-//! Defaults: 1024 MiB over 1 stream in 256 KiB frames. Not a test: numbers depend on the machine
+//! Defaults: 1024 MiB over 1 stream in 256 KiB frames; `UNDERSTUDY_MAX_UDP_PAYLOAD` overrides
+//! [`TransportOptions::max_udp_payload`]. Not a test: numbers depend on the machine
 //! and on whatever else runs on it.
 
 use std::time::Instant;
@@ -29,7 +30,12 @@ async fn main() -> Result<(), BoxError> {
     for name in ["primary", "backup"] {
         certs::issue(dir.path(), name, Validity::node_default())?;
     }
-    let opts = TransportOptions::default();
+    // UNDERSTUDY_MAX_UDP_PAYLOAD=8952 shows what a jumbo-frame link would gain (loopback
+    // carries 64 KiB datagrams).
+    let mut opts = TransportOptions::default();
+    if let Ok(payload) = std::env::var("UNDERSTUDY_MAX_UDP_PAYLOAD") {
+        opts.max_udp_payload = payload.parse()?;
+    }
     let backup = Identity::load(&TlsFiles::in_dir(dir.path(), "backup"))?;
     let primary = Identity::load(&TlsFiles::in_dir(dir.path(), "primary"))?;
     let server = Endpoint::server("127.0.0.1:0".parse()?, &backup, &opts)?;
@@ -79,6 +85,7 @@ async fn main() -> Result<(), BoxError> {
         sender.await??;
     }
     let elapsed = start.elapsed();
+    let stats = conn.stats();
     conn.close(0, "done");
     let bytes = receiver.await??;
     client.wait_idle().await;
@@ -88,6 +95,15 @@ async fn main() -> Result<(), BoxError> {
         "{} MiB over {streams} stream(s) in {frame_kib} KiB frames: {:.2} s, {mb_per_s:.0} MB/s",
         bytes >> 20,
         elapsed.as_secs_f64()
+    );
+    println!(
+        "sender: {} packets, {} lost, {} congestion events, path MTU {}, cwnd {} KiB, rtt {:?}",
+        stats.path.sent_packets,
+        stats.path.lost_packets,
+        stats.path.congestion_events,
+        stats.path.current_mtu,
+        stats.path.cwnd >> 10,
+        stats.path.rtt
     );
     Ok(())
 }

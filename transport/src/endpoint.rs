@@ -438,13 +438,7 @@ impl Endpoint {
         };
         let server = tls::server_config(identity, opts).map_err(tls_error)?;
         let client = tls::client_config(identity, opts).map_err(tls_error)?;
-        Self::with_configs(
-            addr,
-            Some(server),
-            client,
-            identity.name(),
-            opts.handshake_timeout,
-        )
+        Self::with_configs(addr, Some(server), client, identity.name(), opts)
     }
 
     /// Binds `bind` (usually `0.0.0.0:0`) for outgoing connections only.
@@ -457,22 +451,24 @@ impl Endpoint {
             name: identity.name().to_owned(),
             source,
         })?;
-        Self::with_configs(bind, None, client, identity.name(), opts.handshake_timeout)
+        Self::with_configs(bind, None, client, identity.name(), opts)
     }
 
     /// Builds an endpoint from ready quinn configurations (for tools and tests that need a
     /// non-standard TLS setup; nodes use [`Self::server`] and [`Self::client`]). `name` is only
-    /// used in log lines.
+    /// used in log lines; of `opts`, only the handshake timeout and the UDP buffer size are used
+    /// here (the rest is in the quinn configurations).
     pub fn with_configs(
         bind: SocketAddr,
         server: Option<quinn::ServerConfig>,
         client: quinn::ClientConfig,
         name: &str,
-        handshake_timeout: Duration,
+        opts: &TransportOptions,
     ) -> Result<Self, BindError> {
         let runtime = quinn::default_runtime().ok_or(BindError::NoRuntime)?;
         let socket = std::net::UdpSocket::bind(bind)
             .map_err(|source| BindError::Bind { addr: bind, source })?;
+        size_socket_buffers(&socket, opts.udp_buffer_size, name);
         let mut inner =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
                 .map_err(|source| BindError::Bind { addr: bind, source })?;
@@ -480,7 +476,7 @@ impl Endpoint {
         Ok(Self {
             inner,
             name: name.into(),
-            handshake_timeout,
+            handshake_timeout: opts.handshake_timeout,
         })
     }
 
@@ -589,6 +585,30 @@ impl Endpoint {
     /// The underlying quinn endpoint.
     pub fn quinn(&self) -> &quinn::Endpoint {
         &self.inner
+    }
+}
+
+/// Asks for `size`-byte UDP buffers and logs what the kernel granted. Best effort: a small
+/// buffer costs speed, not correctness.
+fn size_socket_buffers(socket: &std::net::UdpSocket, size: usize, name: &str) {
+    let Ok(state) = quinn::udp::UdpSocketState::new(socket.into()) else {
+        return;
+    };
+    let _ = state.set_recv_buffer_size(socket.into(), size);
+    let _ = state.set_send_buffer_size(socket.into(), size);
+    let recv = state.recv_buffer_size(socket.into()).unwrap_or(0);
+    let send = state.send_buffer_size(socket.into()).unwrap_or(0);
+    if recv < size || send < size {
+        tracing::info!(
+            node = %name,
+            requested = size,
+            recv,
+            send,
+            "UDP buffers smaller than requested; raise net.core.rmem_max and \
+             net.core.wmem_max for full replication throughput"
+        );
+    } else {
+        tracing::debug!(node = %name, recv, send, "UDP buffers sized");
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
@@ -73,6 +73,15 @@ pub struct TransportOptions {
     pub max_concurrent_bidi_streams: u32,
     /// How long a handshake (TLS plus the server's admission, see [`crate::endpoint`]) may take.
     pub handshake_timeout: Duration,
+    /// Requested UDP socket send and receive buffer size. The kernel caps it at
+    /// `net.core.rmem_max` / `net.core.wmem_max`; with Linux's default cap (208 KiB) a fast
+    /// sender overflows the receiver's socket and loses packets, which the congestion controller
+    /// answers by slowing down. The endpoint logs the size it actually got.
+    pub udp_buffer_size: usize,
+    /// Upper bound for path MTU discovery (largest UDP payload tried). quinn's default, 1452,
+    /// fits Ethernet; on a jumbo-frame replication link raise it (e.g. 8952) to cut per-packet
+    /// CPU. Discovery never exceeds what the path really carries.
+    pub max_udp_payload: u16,
 }
 
 impl Default for TransportOptions {
@@ -86,6 +95,8 @@ impl Default for TransportOptions {
             max_concurrent_uni_streams: 256,
             max_concurrent_bidi_streams: 16,
             handshake_timeout: Duration::from_secs(10),
+            udp_buffer_size: 4 << 20,
+            max_udp_payload: 1452,
         }
     }
 }
@@ -148,6 +159,8 @@ pub fn transport_config(opts: &TransportOptions) -> Result<TransportConfig, TlsC
             "keep_alive must be shorter than idle_timeout",
         ));
     }
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(opts.max_udp_payload);
     let mut transport = TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle))
@@ -156,7 +169,8 @@ pub fn transport_config(opts: &TransportOptions) -> Result<TransportConfig, TlsC
         .receive_window(VarInt::from_u32(opts.connection_receive_window))
         .send_window(opts.send_window)
         .max_concurrent_uni_streams(VarInt::from_u32(opts.max_concurrent_uni_streams))
-        .max_concurrent_bidi_streams(VarInt::from_u32(opts.max_concurrent_bidi_streams));
+        .max_concurrent_bidi_streams(VarInt::from_u32(opts.max_concurrent_bidi_streams))
+        .mtu_discovery_config(Some(mtu));
     Ok(transport)
 }
 

@@ -219,14 +219,7 @@ async fn expired_server_cert_is_refused_by_the_client() {
 fn custom_client(crypto: rustls::ClientConfig) -> Endpoint {
     let opts = common::opts();
     let config = tls::quic_client_config(crypto, &opts).unwrap();
-    Endpoint::with_configs(
-        common::any_local(),
-        None,
-        config,
-        "custom",
-        opts.handshake_timeout,
-    )
-    .unwrap()
+    Endpoint::with_configs(common::any_local(), None, config, "custom", &opts).unwrap()
 }
 
 #[tokio::test]
