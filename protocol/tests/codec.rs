@@ -302,9 +302,10 @@ fn handcrafted_ref_chain_is_rejected() {
     let mut chunk = ChunkDecoder::new(link.limits.clone(), pages as u64)
         .decode_frame(&c)
         .unwrap();
-    // records: 0 Full, 1 Ref(0), 2 Ref(0) -> make 2 Ref(1).
-    assert_eq!(chunk.records[2].kind, RecordKind::Ref);
-    chunk.records[2].source = 1;
+    // Records: 0 Full, 1 Ref(0), 2 Ref(0) (in some order) -> make it 2 Ref(1).
+    let r2 = chunk.records.iter_mut().find(|r| r.page == 2).unwrap();
+    assert_eq!((r2.kind, r2.source), (RecordKind::Ref, 0));
+    r2.source = 1;
     let mut asm = EpochAssembler::new(1, link.limits.clone());
     asm.add(chunk).unwrap();
     let err = asm

@@ -97,6 +97,28 @@ pub struct PageSummary {
     pub zero: bool,
     /// A base was given and differs from the page in at most a quarter of its 8-byte words.
     pub delta: bool,
+    /// Rough compressibility class from the distinct byte values in a sample: 0 text-like,
+    /// 1 code/data, 2 incompressible (random or already compressed). `Full` pages are grouped
+    /// by class into chunks, so that zstd builds its entropy tables over similar content and
+    /// incompressible pages do not spoil them for the others.
+    pub class: u8,
+}
+
+/// Class limits on the distinct byte values among 256 bytes sampled every 16 bytes (uniform
+/// random bytes give about 162, text about 40-70, x86 code 90-130).
+const CLASS_LIMITS: [u32; 2] = [CLASS_TEXT_MAX, CLASS_CODE_MAX];
+const CLASS_TEXT_MAX: u32 = 72;
+const CLASS_CODE_MAX: u32 = 140;
+
+fn page_class(page: &Page) -> u8 {
+    let mut seen = [0u8; 256];
+    let mut distinct = 0u32;
+    for b in page.iter().step_by(16) {
+        let s = &mut seen[*b as usize];
+        distinct += u32::from(*s == 0);
+        *s = 1;
+    }
+    CLASS_LIMITS.iter().filter(|&&l| distinct > l).count() as u8
 }
 
 /// Pages whose content differs from the base in more 8-byte words than this go `Full`.
@@ -118,7 +140,13 @@ fn summarize(p: &DirtyPage<'_>) -> PageSummary {
     let delta = !zero
         && p.base
             .is_some_and(|b| differing_words(b, p.data) <= DELTA_MAX_DIFF_WORDS);
-    PageSummary { hash, zero, delta }
+    let class = if zero { 0 } else { page_class(p.data) };
+    PageSummary {
+        hash,
+        zero,
+        delta,
+        class,
+    }
 }
 
 /// Encoder settings.
@@ -225,7 +253,13 @@ pub struct ChunkPlan {
     pub seq: u32,
     records: Range<usize>,
     data_pages: u32,
+    /// All its data pages look incompressible: compressed at [`DENSE_LEVEL`].
+    dense: bool,
 }
+
+/// zstd level for chunks of incompressible-looking pages: fast, and on random bytes no larger
+/// than level 1.
+const DENSE_LEVEL: i32 = -7;
 
 /// Step 2's result: every record of the epoch, cut into chunks.
 #[derive(Debug)]
@@ -250,6 +284,7 @@ pub struct EpochPlan {
 pub struct ChunkCompressor {
     zstd: zstd::bulk::Compressor<'static>,
     level: i32,
+    current: i32,
     scratch: Vec<u8>,
 }
 
@@ -267,6 +302,7 @@ impl ChunkCompressor {
         Ok(ChunkCompressor {
             zstd: zstd::bulk::Compressor::new(level).map_err(EncodeError::Compress)?,
             level,
+            current: level,
             scratch: Vec::new(),
         })
     }
@@ -479,24 +515,38 @@ impl EncoderState {
         let digest = self.tree.digest();
         self.epoch = epoch;
 
-        // Cut into chunks.
+        // Group Full pages by class (records without data stay first, in class 0).
+        let class = |r: &PlannedRecord| match r.kind {
+            RecordKind::Full => summaries.get(r.pos as usize).map_or(0, |s| s.class),
+            _ => 0,
+        };
+        records.sort_by_key(class);
+
+        // Cut into chunks: at most `per_data` data pages and `per_rec` records each, and a new
+        // chunk where the class of the data pages changes.
         let per_data = self.config.data_pages_per_chunk.max(1);
         let per_rec = self.config.records_per_chunk.max(1) as usize;
         let mut chunks = Vec::new();
         let mut start = 0usize;
         let mut data = 0u32;
+        let mut chunk_class = None;
         for (i, r) in records.iter().enumerate() {
-            if i - start == per_rec || (r.kind.has_data() && data == per_data) {
+            let c = r.kind.has_data().then(|| class(r));
+            let class_change = c.is_some() && chunk_class.is_some() && c != chunk_class;
+            if i - start == per_rec || (c.is_some() && (data == per_data || class_change)) {
                 chunks.push(ChunkPlan {
                     seq: chunks.len() as u32,
                     records: start..i,
                     data_pages: data,
+                    dense: chunk_class == Some(2),
                 });
                 start = i;
                 data = 0;
+                chunk_class = None;
             }
-            if r.kind.has_data() {
+            if c.is_some() {
                 data += 1;
+                chunk_class = c;
             }
         }
         if start < records.len() {
@@ -504,6 +554,7 @@ impl EncoderState {
                 seq: chunks.len() as u32,
                 records: start..records.len(),
                 data_pages: data,
+                dense: chunk_class == Some(2),
             });
         }
         Ok(EpochPlan {
@@ -674,6 +725,18 @@ impl EpochPlan {
             }
         }
         if !scratch.is_empty() {
+            let level = if chunk.dense {
+                DENSE_LEVEL
+            } else {
+                compressor.level
+            };
+            if level != compressor.current {
+                compressor
+                    .zstd
+                    .set_compression_level(level)
+                    .map_err(EncodeError::Compress)?;
+                compressor.current = level;
+            }
             let before = out.len();
             out.reserve(zstd::zstd_safe::compress_bound(scratch.len()));
             let mut cur = Cursor::new(&mut *out);
