@@ -241,6 +241,45 @@ fn dirty_writes_the_content_mix() {
 }
 
 #[test]
+fn dirty_hotcold_sends_most_writes_to_the_hot_pages() {
+    let _one = serial();
+    let pages = 4096u64;
+    let hot = pages / 10;
+    let w = Workload::Dirty(DirtyParams {
+        rate: 20_000,
+        working_set_bytes: pages * PAGE_SIZE,
+        pattern: Pattern::HotCold {
+            hot_set_pct: 10,
+            hot_writes_pct: 90,
+        },
+        mix: understudy_vmm::guests::ContentMix {
+            zero: 0,
+            dup: 0,
+            text: 0,
+            random: 100,
+        },
+        ..DirtyParams::default()
+    });
+    let (mut vm, _console) = boot(&w, 64 << 20, false);
+    while read_u64(&vm, PROGRESS_GPA) < 10_000 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.pause().unwrap();
+    let writes = read_u64(&vm, PROGRESS_GPA);
+    let written = |i: u64| page(vm.memory(), i).iter().any(|&w| w != 0);
+    let hot_written = (0..hot).filter(|&i| written(i)).count() as u64;
+    let cold_written = (hot..pages).filter(|&i| written(i)).count() as f64;
+    let cold = (pages - hot) as f64;
+    let expected = cold * (1.0 - (-(writes as f64) * 0.1 / cold).exp());
+    eprintln!(
+        "hotcold after {writes} writes: {hot_written}/{hot} hot pages, {cold_written} cold pages \
+         written (expected ~{expected:.0})"
+    );
+    assert_eq!(hot_written, hot);
+    assert!((cold_written / expected - 1.0).abs() < 0.25);
+}
+
+#[test]
 fn idle_idles() {
     let _one = serial();
     let w = Workload::from_cli("idle", &Default::default()).unwrap();
