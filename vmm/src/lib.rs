@@ -19,7 +19,7 @@ pub mod state;
 mod vcpu;
 pub mod vm;
 
-pub use devices::serial::OutputGate;
+pub use devices::serial::{MemorySink, OutputGate};
 pub use dirty::DirtySet;
 pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
 pub use state::VmState;

@@ -72,6 +72,10 @@ enum Want {
 
 struct Ctl {
     want: Want,
+    /// Bumped by every pause request; the vCPU saves its state once per value.
+    pause_seq: u64,
+    /// The `pause_seq` whose state `saved` holds (or held, before the controller took it).
+    saved_seq: u64,
     parked: bool,
     saved: Option<Result<VcpuState, VcpuStateError>>,
     done: bool,
@@ -134,6 +138,16 @@ pub(crate) struct VcpuEnv {
     pub lapic: bool,
 }
 
+/// The outcome of waiting for a vCPU to park.
+pub(crate) enum Parked {
+    /// Parked, with the state it saved (or the error saving it).
+    Saved(Result<VcpuState, VcpuStateError>),
+    /// The vCPU thread has ended (the guest stopped).
+    Ended,
+    /// It did not leave KVM_RUN in time.
+    TimedOut,
+}
+
 /// The controller's handle on one vCPU thread.
 pub(crate) struct VcpuHandle {
     shared: Arc<Shared>,
@@ -151,6 +165,8 @@ impl VcpuHandle {
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
                 want: if start_paused { Want::Pause } else { Want::Run },
+                pause_seq: u64::from(start_paused),
+                saved_seq: 0,
                 parked: false,
                 saved: None,
                 done: false,
@@ -174,6 +190,7 @@ impl VcpuHandle {
         }
         c.want = want;
         if want == Want::Pause {
+            c.pause_seq += 1;
             c.saved = None;
         }
         drop(c);
@@ -191,15 +208,22 @@ impl VcpuHandle {
         self.request(Want::Pause);
     }
 
-    /// Waits until the vCPU is parked (or has ended) and returns the state it saved.
-    pub(crate) fn wait_parked(&self) -> Option<Result<VcpuState, VcpuStateError>> {
+    /// Waits until the vCPU is parked with its state saved for the latest pause request.
+    pub(crate) fn wait_parked(&self, timeout: std::time::Duration) -> Parked {
         let c = self.shared.lock();
-        let mut c = self
+        let (mut c, t) = self
             .shared
             .cv
-            .wait_while(c, |c| !(c.done || c.parked && c.saved.is_some()))
+            .wait_timeout_while(c, timeout, |c| {
+                !(c.done || c.parked && c.saved_seq == c.pause_seq)
+            })
             .unwrap_or_else(|e| e.into_inner());
-        c.saved.take()
+        match c.saved.take() {
+            Some(s) if c.parked => Parked::Saved(s),
+            _ if c.done => Parked::Ended,
+            _ if t.timed_out() => Parked::TimedOut,
+            _ => Parked::Ended,
+        }
     }
 
     /// Lets a parked vCPU run again.
@@ -240,24 +264,30 @@ fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReaso
     loop {
         {
             let mut c = shared.lock();
-            if c.want == Want::Pause {
-                fd.set_kvm_immediate_exit(0);
-                let saved = KvmVcpu {
-                    fd,
-                    msrs: &env.msrs,
-                    xsave: env.xsave,
-                    lapic: env.lapic,
+            // Parked: save once per pause request, then wait for the next request. A resume
+            // followed at once by another pause bumps `pause_seq`, so the state is saved again
+            // for that pause instead of the controller waiting for a save that never comes.
+            while c.want == Want::Pause {
+                if c.saved_seq != c.pause_seq {
+                    fd.set_kvm_immediate_exit(0);
+                    let saved = KvmVcpu {
+                        fd,
+                        msrs: &env.msrs,
+                        xsave: env.xsave,
+                        lapic: env.lapic,
+                    }
+                    .save();
+                    c.saved = Some(saved);
+                    c.saved_seq = c.pause_seq;
+                    c.parked = true;
+                    shared.cv.notify_all();
                 }
-                .save();
-                c.saved = Some(saved);
-                c.parked = true;
-                shared.cv.notify_all();
                 c = shared
                     .cv
-                    .wait_while(c, |c| c.want == Want::Pause)
+                    .wait_while(c, |c| c.want == Want::Pause && c.saved_seq == c.pause_seq)
                     .unwrap_or_else(|e| e.into_inner());
-                c.parked = false;
             }
+            c.parked = false;
             if c.want == Want::Stop {
                 return None;
             }

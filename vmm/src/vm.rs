@@ -18,11 +18,14 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use crate::boot::{longmode, multiboot};
 use crate::devices::serial::{OutputGate, SerialConsole, SerialStateError};
 use crate::dirty::DirtySet;
-use crate::guests::layout::COM1_PORT;
+use crate::guests::layout::{AP_PARK_GPA, CODE_GPA, COM1_PORT, STACK_TOP};
 use crate::memory::{GuestMemory, MemoryError, RegionSpec};
 use crate::state::vcpu::KvmVcpu;
 use crate::state::{Persist, VcpuStateError, VmState};
-use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, VcpuEnv, VcpuHandle};
+use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, Parked, VcpuEnv, VcpuHandle};
+
+/// How long `pause()` waits for a vCPU to leave KVM_RUN before reporting it stuck.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest number of vCPUs we start.
 pub const MAX_VCPUS: u8 = 8;
@@ -89,7 +92,7 @@ pub enum VmError {
     Multiboot(#[from] multiboot::MultibootError),
     #[error(transparent)]
     Guest(#[from] crate::guests::GuestBuildError),
-    #[error("the guest code is {0} bytes; at most {max} fit", max = crate::guests::layout::CODE_MAX)]
+    #[error("the guest code is {0} bytes; at most {max} fit", max = AP_PARK_GPA - CODE_GPA)]
     CodeTooLarge(usize),
     #[error("{0} vCPUs requested; 1..={MAX_VCPUS} supported")]
     VcpuCount(u8),
@@ -109,6 +112,8 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error("vCPU {0} ended before it could be paused")]
     VcpuGone(usize),
+    #[error("vCPU {0} did not leave KVM_RUN within the pause timeout")]
+    PauseTimeout(usize),
     #[error("the VM is not paused")]
     NotPaused,
     #[error(
@@ -235,11 +240,12 @@ impl Vm {
         let irqchip = matches!(boot, Boot::Multiboot { .. });
         let p = prepare(&memory, config.vcpus, config.dirty_logging, irqchip)?;
         let load_program = |code: &[u8], entry: u64| -> Result<_, VmError> {
-            if code.len() > crate::guests::layout::CODE_MAX {
+            if code.len() > (AP_PARK_GPA - CODE_GPA) as usize {
                 return Err(VmError::CodeTooLarge(code.len()));
             }
             longmode::write_page_tables(&memory)?;
-            memory.write(crate::guests::layout::CODE_GPA, code)?;
+            memory.write(CODE_GPA, code)?;
+            memory.write(AP_PARK_GPA, &longmode::park_loop())?;
             Ok((longmode::initial_regs(entry), false))
         };
         let (regs, multiboot) = match boot {
@@ -266,7 +272,11 @@ impl Vm {
             }
             v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
             let mut r = regs;
-            r.rsp -= (i as u64) * 0x4000; // a separate stack slice per vCPU
+            if i > 0 && !multiboot {
+                // Built-in workloads run on vCPU 0; the others spin in a park loop.
+                r.rip = AP_PARK_GPA;
+                r.rsp = STACK_TOP - (i as u64) * 0x1000;
+            }
             v.set_regs(&r).map_err(kvm_err("KVM_SET_REGS"))?;
         }
         let serial = SerialConsole::new(COM1_PORT, gate);
@@ -387,10 +397,11 @@ impl Vm {
         let mut states = Vec::with_capacity(self.vcpus.len());
         let mut failure = None;
         for (i, v) in self.vcpus.iter().enumerate() {
-            match v.wait_parked() {
-                Some(Ok(s)) => states.push(s),
-                Some(Err(e)) => failure = failure.or(Some(VmError::VcpuState(e))),
-                None => failure = failure.or(Some(VmError::VcpuGone(i))),
+            match v.wait_parked(PAUSE_TIMEOUT) {
+                Parked::Saved(Ok(s)) => states.push(s),
+                Parked::Saved(Err(e)) => failure = failure.or(Some(VmError::VcpuState(e))),
+                Parked::Ended => failure = failure.or(Some(VmError::VcpuGone(i))),
+                Parked::TimedOut => failure = failure.or(Some(VmError::PauseTimeout(i))),
             }
         }
         if let Some(e) = failure {

@@ -6,7 +6,7 @@
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::guests::layout::{PD_GPA, PDPT_GPA, PML4_GPA, STACK_TOP};
+use crate::guests::layout::{PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
 use crate::memory::{GuestMemory, MemoryError};
 
 const PTE_PRESENT_RW_USER: u64 = 0x7;
@@ -82,4 +82,18 @@ pub fn initial_regs(entry: u64) -> kvm_regs {
         rflags: 0x2 | (3 << 12),
         ..Default::default()
     }
+}
+
+/// Code for vCPUs other than the first under a built-in workload: `pause` in a loop at CPL3.
+pub fn park_loop() -> Vec<u8> {
+    use iced_x86::code_asm::CodeAssembler;
+    let assemble = || -> Result<Vec<u8>, iced_x86::IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.pause()?;
+        a.jmp(top)?;
+        a.assemble(crate::guests::layout::AP_PARK_GPA)
+    };
+    assemble().expect("a two-instruction loop always assembles")
 }

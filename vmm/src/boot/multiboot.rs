@@ -97,10 +97,15 @@ pub fn load(
     }
     mem.write(MMAP_GPA, &mmap).map_err(MultibootError::Memory)?;
     let mut mbi = [0u8; 52];
-    let put = |mbi: &mut [u8; 52], o: usize, v: u32| mbi[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let put =
+        |mbi: &mut [u8; 52], o: usize, v: u32| mbi[o..o + 4].copy_from_slice(&v.to_le_bytes());
     put(&mut mbi, 0, 1 | (1 << 2) | (1 << 6));
     put(&mut mbi, 4, 640);
-    put(&mut mbi, 8, ((size - 0x10_0000) / 1024).min(u32::MAX as u64) as u32);
+    put(
+        &mut mbi,
+        8,
+        ((size - 0x10_0000) / 1024).min(u32::MAX as u64) as u32,
+    );
     put(&mut mbi, 16, CMDLINE_GPA as u32);
     put(&mut mbi, 44, mmap.len() as u32);
     put(&mut mbi, 48, MMAP_GPA as u32);
@@ -159,7 +164,10 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> Result<u64, MultibootError> {
     };
     for i in 0..phnum {
         let ph = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(MultibootError::Malformed("ph"))?)
+            .checked_add(
+                i.checked_mul(phentsize)
+                    .ok_or(MultibootError::Malformed("ph"))?,
+            )
             .ok_or(MultibootError::Malformed("ph"))?;
         let trunc = || MultibootError::Malformed("truncated program header");
         let kind = u32_at(image, ph).ok_or_else(trunc)?;
