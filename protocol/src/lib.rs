@@ -40,6 +40,54 @@
 //!  Heartbeat <---------------------------------------------------> Heartbeat   (both ways)
 //!  Evict / Promote / Goodbye  ------------------------------------>
 //! ```
+//!
+//! ## Using it
+//! ```
+//! use understudy_protocol::*;
+//!
+//! let pages = 64u32;
+//! // Primary: per-VM encoder state; the backup starts from an all-zero image.
+//! let mut encoder = EncoderState::new(pages, EncoderConfig::default());
+//! let mut guest = vec![0u8; pages as usize * PAGE_SIZE];
+//! guest[PAGE_SIZE..2 * PAGE_SIZE].fill(0xab); // page 1 dirtied
+//! guest[5 * PAGE_SIZE..6 * PAGE_SIZE].fill(0xab); // page 5: same content
+//! let staged: Vec<(u32, Page)> = [1u32, 5]
+//!     .iter()
+//!     .map(|&i| (i, guest[i as usize * PAGE_SIZE..][..PAGE_SIZE].try_into().unwrap()))
+//!     .collect();
+//! let dirty: Vec<DirtyPage> = staged
+//!     .iter()
+//!     .map(|(i, p)| DirtyPage { index: *i, data: p, base: None })
+//!     .collect();
+//! let epoch = encoder.encode_epoch(1, &dirty, 2).unwrap(); // 2 worker threads
+//! assert_eq!((epoch.stats.full, epoch.stats.refs), (1, 1));
+//! let mut wire = Vec::new();
+//! for frame in &epoch.chunks {
+//!     wire.extend_from_slice(frame); // one frame per QUIC stream, in any order
+//! }
+//! Message::Commit(epoch.commit(b"vcpu+device state".to_vec())).encode(&mut wire);
+//!
+//! // Backup: frames in, chunks decoded (on any worker), staged, committed at Commit.
+//! let limits = Limits::default();
+//! let mut replica = Replica::zeroed(pages);
+//! let mut image = vec![0u8; pages as usize * PAGE_SIZE]; // or memfd-backed memory
+//! let mut frames = FrameDecoder::new(limits.clone());
+//! let mut chunks = ChunkDecoder::new(limits.clone(), pages.into());
+//! let mut staging = EpochAssembler::new(1, limits.clone());
+//! frames.push(&wire);
+//! while let Some(msg) = frames.next().unwrap() {
+//!     match msg {
+//!         Message::Chunk(c) => staging.add(chunks.decode_frame(&c).unwrap()).unwrap(),
+//!         Message::Commit(c) => {
+//!             let done = staging.commit(&c, &mut replica, &mut image).unwrap();
+//!             assert_eq!(done.digest, c.digest);
+//!             // ... then send Message::Ack(Ack { epoch: c.epoch })
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! assert_eq!(image, guest);
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

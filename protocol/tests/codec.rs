@@ -341,4 +341,10 @@ fn roundtrip_exercises_every_record_kind() {
         total.zero > 0 && total.refs > 0 && total.full > 0 && total.delta > 0,
         "{total:?}"
     );
+    // The content index forgets content that left the image: bounded by the page count.
+    assert!(
+        link.encoder.index_len() <= pages,
+        "{}",
+        link.encoder.index_len()
+    );
 }

@@ -100,6 +100,14 @@ pub enum ApplyError {
         /// The limit.
         max: u32,
     },
+    /// More records staged than the image may have pages.
+    #[error("{records} page records staged for one epoch, over the limit of {max}")]
+    TooManyRecords {
+        /// Records with this chunk.
+        records: u64,
+        /// `max_image_pages`.
+        max: u64,
+    },
     /// Chunks missing or extra at commit.
     #[error("commit announces {announced} chunks, {received} received (or seqs not 0..n)")]
     ChunkCount {
@@ -279,10 +287,19 @@ impl EpochAssembler {
                 max: self.limits.max_chunks_per_epoch,
             });
         }
+        // Each page is written at most once per epoch, so more records than pages can only be
+        // an attack or a bug: refuse them before staging grows past the image size.
+        let records = self.records + chunk.records.len() as u64;
+        if records > self.limits.max_image_pages {
+            return Err(ApplyError::TooManyRecords {
+                records,
+                max: self.limits.max_image_pages,
+            });
+        }
         if !self.seqs.insert(chunk.seq) {
             return Err(ApplyError::DuplicateChunk(chunk.seq));
         }
-        self.records += chunk.records.len() as u64;
+        self.records = records;
         self.chunks.push(chunk);
         Ok(())
     }

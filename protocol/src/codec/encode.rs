@@ -383,6 +383,11 @@ impl EncoderState {
         self.tree.digest()
     }
 
+    /// Entries in the content index (at most the number of pages).
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
     /// Settings.
     pub fn config(&self) -> &EncoderConfig {
         &self.config
@@ -505,9 +510,16 @@ impl EncoderState {
             }
         }
 
-        // The backup's image at the end of the epoch.
+        // The backup's image at the end of the epoch. An index entry for the content a page
+        // loses is dropped, so the index never holds more entries than the image has pages.
         for (p, s) in pages.iter().zip(summaries) {
-            self.tree.set(p.index, s.hash);
+            let old = self.tree.set(p.index, s.hash).unwrap_or(ZERO_PAGE_HASH);
+            if old != s.hash {
+                let k = prefix(&old);
+                if self.index.get(&k) == Some(&p.index) {
+                    self.index.remove(&k);
+                }
+            }
             if !s.zero {
                 self.index.insert(prefix(&s.hash), p.index);
             }

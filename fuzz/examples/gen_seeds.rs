@@ -1,0 +1,174 @@
+//! Writes the seed corpus under `fuzz/corpus/<target>/` from real encoder output:
+//! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds`.
+
+use std::fs;
+use std::path::Path;
+
+use understudy_protocol::{
+    Ack, Commit, Digest, DirtyPage, EncoderConfig, EncoderState, EpochDigest, Goodbye,
+    GoodbyeReason, Heartbeat, Hello, MemoryLayout, Message, Mode, Reject, RejectCode, Welcome,
+    PAGE_SIZE,
+};
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn main() {
+    // Messages.
+    let msgs = vec![
+        Message::Hello(Hello {
+            min_version: 1,
+            max_version: 2,
+            mode: Mode::Protect,
+            vm_id: "vm".into(),
+            layout: MemoryLayout::flat(64),
+            base: Some(EpochDigest {
+                epoch: 3,
+                digest: Digest([7; 32]),
+            }),
+        }),
+        Message::Welcome(Welcome {
+            version: 2,
+            resumed: false,
+            epoch: 0,
+            digest: Digest([1; 32]),
+        }),
+        Message::Reject(Reject {
+            code: RejectCode::Version,
+            reason: "upgrade the backup".into(),
+        }),
+        Message::Commit(Commit {
+            epoch: 5,
+            chunk_count: 2,
+            page_count: 9,
+            digest: Digest([2; 32]),
+            state: b"state".to_vec(),
+        }),
+        Message::Ack(Ack { epoch: 5 }),
+        Message::Heartbeat(Heartbeat {
+            sent_ns: 10,
+            echo_ns: 5,
+            hold_ns: 1,
+        }),
+        Message::Goodbye(Goodbye {
+            reason: GoodbyeReason::Done,
+            text: "bye".into(),
+        }),
+    ];
+    let mut stream = vec![7u8]; // frame_decoder: first byte is the push step
+    for (i, m) in msgs.iter().enumerate() {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        stream.extend_from_slice(&f);
+        // frame_payload: kind, version, flags, payload
+        let mut p = vec![f[6], f[4], 3];
+        p.extend_from_slice(&f[16..]);
+        write("frame_payload", &format!("msg{i}"), &p);
+        let mut one = vec![16u8];
+        one.extend_from_slice(&f);
+        write("frame_decoder", &format!("msg{i}"), &one);
+    }
+    write("frame_decoder", "stream", &stream);
+
+    // Chunks from a real encoder: mixed content, two epochs (the second with Ref and Delta).
+    let pages = 24usize;
+    let mut img = vec![0u8; pages * PAGE_SIZE];
+    for i in 0..pages {
+        let p = &mut img[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+        match i % 4 {
+            0 => {}
+            1 => p
+                .iter_mut()
+                .enumerate()
+                .for_each(|(k, b)| *b = (k * 7 + i) as u8),
+            2 => p.copy_from_slice(
+                &b"the quick brown fox jumps over the lazy dog. ".repeat(92)[..PAGE_SIZE],
+            ),
+            _ => p
+                .iter_mut()
+                .enumerate()
+                .for_each(|(k, b)| *b = ((k as u32).wrapping_mul(2654435761) >> 13) as u8),
+        }
+    }
+    let cfg = EncoderConfig {
+        data_pages_per_chunk: 4,
+        ..EncoderConfig::default()
+    };
+    let mut st = EncoderState::new(pages as u32, cfg);
+    let list = |img: &[u8], base: Option<&[u8]>| -> Vec<(u32, Vec<u8>, Option<Vec<u8>>)> {
+        (0..pages)
+            .map(|i| {
+                let r = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+                (
+                    i as u32,
+                    img[r.clone()].to_vec(),
+                    base.map(|b| b[r].to_vec()),
+                )
+            })
+            .collect()
+    };
+    let owned = list(&img, None);
+    let dirty: Vec<DirtyPage<'_>> = owned
+        .iter()
+        .map(|(i, d, _)| DirtyPage {
+            index: *i,
+            data: d.as_slice().try_into().unwrap(),
+            base: None,
+        })
+        .collect();
+    let e1 = st.encode_epoch(1, &dirty, 1).unwrap();
+    let mut next = img.clone();
+    next[5 * PAGE_SIZE + 9] ^= 0xff; // delta
+    let (a, b) = next.split_at_mut(9 * PAGE_SIZE);
+    b[..PAGE_SIZE].copy_from_slice(&a[PAGE_SIZE..2 * PAGE_SIZE]); // page 9 = page 1: Ref
+    next[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0); // zero
+    let owned2 = list(&next, Some(&img));
+    let dirty2: Vec<DirtyPage<'_>> = owned2
+        .iter()
+        .filter(|(i, _, _)| [2, 5, 9].contains(i))
+        .map(|(i, d, b)| DirtyPage {
+            index: *i,
+            data: d.as_slice().try_into().unwrap(),
+            base: b.as_ref().map(|b| b.as_slice().try_into().unwrap()),
+        })
+        .collect();
+    let e2 = st.encode_epoch(2, &dirty2, 1).unwrap();
+    for (name, f) in e1
+        .chunks
+        .iter()
+        .take(3)
+        .map(|f| ("e1", f))
+        .chain(e2.chunks.iter().map(|f| ("e2", f)))
+        .enumerate()
+        .map(|(k, (e, f))| (format!("{e}-{k}"), f))
+    {
+        // chunk_decoder: version, image pages - 1, payload
+        let mut c = vec![2u8, (pages - 1) as u8];
+        c.extend_from_slice(&f[16..]);
+        write("chunk_decoder", &name, &c);
+        let mut fd = vec![13u8];
+        fd.extend_from_slice(f);
+        write("frame_decoder", &format!("chunk-{name}"), &fd);
+    }
+
+    // epoch_commit: order byte, then (page, kind|flags, source, fill) records.
+    write(
+        "epoch_commit",
+        "mixed",
+        &[
+            0, 0, 1, 0, 9, 1, 1, 2, 5, 2, 2, 0, 0, 3, 3, 0, 7, 0x83, 4, 1, 6, 2, 1, 0,
+        ],
+    );
+    write(
+        "epoch_commit",
+        "chain",
+        &[3, 1, 1, 0, 7, 2, 2, 1, 0, 3, 2, 2, 0],
+    );
+    write("epoch_commit", "empty", &[0]);
+    println!("seeds written");
+}
