@@ -12,6 +12,7 @@
 //!   the same mix, and 5% get a few bytes changed (Delta candidates); those 30% are the epoch.
 //!
 //! Environment: `BENCH_PAGES` (default 32768 = 128 MiB), `BENCH_REPS` (default 5),
+//! (1024 pages and 1 run when started without `--bench`, as `cargo test --all-targets` does),
 //! `BENCH_LEVEL` (zstd level), `BENCH_CHUNK_PAGES` (data pages per chunk).
 
 use std::fs;
@@ -214,25 +215,13 @@ fn corpus(pages: usize, rng: &mut Rng) -> Corpus {
     c
 }
 
-/// On-CPU time of the calling thread (ns resolution, from the scheduler's accounting), so that
-/// figures stay meaningful on a machine shared with other jobs. `None` where unavailable.
-fn thread_cpu() -> Option<Duration> {
-    let s = fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_nanos(ns))
-}
-
-/// Wall and on-CPU time of `f` run on this thread.
+/// Wall and on-CPU time (`CLOCK_THREAD_CPUTIME_ID`) of `f` run on this thread, so that figures
+/// stay meaningful on a machine shared with other jobs.
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration) {
-    let c0 = thread_cpu();
+    let c0 = cpu_time::ThreadTime::now();
     let t0 = Instant::now();
     let out = f();
-    let wall = t0.elapsed();
-    let cpu = match (c0, thread_cpu()) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => wall,
-    };
-    (out, wall, cpu)
+    (out, t0.elapsed(), c0.elapsed())
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
@@ -341,9 +330,13 @@ fn print_row(name: &str, threads: usize, bytes: usize, r: &Row, enc: &EncodedEpo
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; arguments are ignored.
-    let pages: usize = env("BENCH_PAGES").unwrap_or(32768);
-    let reps: usize = env::<usize>("BENCH_REPS").unwrap_or(5).max(1);
+    // `cargo bench` passes `--bench`. Without it (`cargo test --all-targets` runs benches as
+    // tests) this is a quick smoke run on a small corpus.
+    let full = std::env::args().any(|a| a == "--bench");
+    let pages: usize = env("BENCH_PAGES").unwrap_or(if full { 32768 } else { 1024 });
+    let reps: usize = env::<usize>("BENCH_REPS")
+        .unwrap_or(if full { 5 } else { 1 })
+        .max(1);
     let mut config = EncoderConfig::default();
     if let Some(l) = env("BENCH_LEVEL") {
         config.zstd_level = l;

@@ -14,7 +14,7 @@
 //!   and the previous version ([`crate::MIN_PROTOCOL_VERSION`]`..=`[`crate::PROTOCOL_VERSION`]).
 //!   One exception: a `Hello` frame is accepted at *any* version >= 1, because the first bytes of
 //!   a `Hello` payload are frozen forever; that lets the handshake answer an unknown version with
-//!   a [`Reject`](crate::Reject) that says what to upgrade, rather than drop the connection.
+//!   a [`Reject`] that says what to upgrade, rather than drop the connection.
 //! * `kind` is a [`FrameKind`]; 0 is `Invalid` and is never sent.
 //! * `length` is checked against [`Limits::max_frame_len`] before any payload is buffered.
 //! * `crc32` (IEEE) covers header bytes 0..12 and the payload. With TLS under us it guards against
