@@ -147,7 +147,14 @@ fn main() {
         .enumerate()
         .map(|(k, (e, f))| (format!("{e}-{k}"), f))
     {
-        // chunk_decoder: version, image pages - 1, payload
+        // chunk_decoder: version, image pages - 1, payload (a seed that decodes)
+        let decoded = understudy_protocol::decode_chunk(
+            2,
+            &f[16..],
+            pages as u64,
+            &understudy_protocol::Limits::default(),
+        );
+        assert!(decoded.is_ok(), "seed chunk does not decode: {decoded:?}");
         let mut c = vec![2u8, (pages - 1) as u8];
         c.extend_from_slice(&f[16..]);
         write("chunk_decoder", &name, &c);

@@ -348,3 +348,37 @@ fn roundtrip_exercises_every_record_kind() {
         link.encoder.index_len()
     );
 }
+
+/// Decoders and plans are shared across worker threads: they must be `Send`/`Sync`.
+#[test]
+fn codec_types_cross_threads() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    send::<understudy_protocol::ChunkDecoder>();
+    send::<understudy_protocol::DecodedChunk>();
+    send::<understudy_protocol::EncoderState>();
+    send::<understudy_protocol::codec::ChunkCompressor>();
+    sync::<understudy_protocol::EpochPlan>();
+    sync::<understudy_protocol::Replica>();
+}
+
+/// The frames do not depend on the number of encoding threads.
+#[test]
+fn encoding_is_deterministic_across_thread_counts() {
+    let pages = 200;
+    let mut rng = Rng(21);
+    let mut a = Link::new(pages, config(2, 8, 4096));
+    let mut b = Link::new(pages, config(2, 8, 4096));
+    b.threads = 2;
+    for _ in 0..3 {
+        let dirty: Vec<u32> = (0..pages as u32).filter(|_| rng.below(2) == 0).collect();
+        for &i in &dirty {
+            mutate_page(&mut rng, &mut a.primary, i as usize, pages);
+        }
+        b.primary.copy_from_slice(&a.primary);
+        let ea = a.encode(&dirty, true);
+        let eb = b.encode(&dirty, true);
+        assert_eq!(ea.chunks, eb.chunks);
+        assert_eq!(ea.digest, eb.digest);
+    }
+}
