@@ -105,7 +105,7 @@ pub use codec::{
     EpochAssembler, EpochPlan, EpochStats, PageImage, PageSummary, Replica,
 };
 pub use digest::{Digest, PageHash, PageTree, ZERO_PAGE_HASH};
-pub use frame::{FrameDecoder, FrameError, FrameKind, FRAME_HEADER_LEN, MAGIC};
+pub use frame::{decode_frame, FrameDecoder, FrameError, FrameKind, FRAME_HEADER_LEN, MAGIC};
 pub use handshake::{answer_hello, LocalEnd};
 pub use limits::{Limits, Page, PAGE_SIZE};
 pub use message::{

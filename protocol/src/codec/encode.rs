@@ -156,7 +156,8 @@ pub struct EncoderConfig {
     pub version: u16,
     /// zstd level (1 is the measured sweet spot; negative levels are faster and larger).
     pub zstd_level: i32,
-    /// `Full`/`Delta` pages per chunk (64 = 256 KiB zstd frames).
+    /// `Full`/`Delta` pages per chunk (64 = 256 KiB zstd frames; must not exceed the
+    /// receiver's `max_chunk_data_pages`).
     pub data_pages_per_chunk: u32,
     /// Records per chunk at most (must not exceed the receiver's `max_chunk_records`).
     pub records_per_chunk: u32,
