@@ -314,8 +314,11 @@ impl FrameDecoder {
         }
     }
 
-    /// Appends bytes received from the stream.
+    /// Appends bytes received from the stream (dropped once the decoder has failed).
     pub fn push(&mut self, data: &[u8]) {
+        if self.failed {
+            return;
+        }
         if self.start > 0 && self.start >= self.buf.len() - self.start {
             self.buf.drain(..self.start);
             self.start = 0;
