@@ -349,7 +349,7 @@ impl EpochAssembler {
         let pages = replica.page_count();
         let mark_of = |mark: &[u64], page: u32| -> Option<usize> {
             match mark.get(page as usize) {
-                Some(&m) if m >> 32 == gen >> 32 => Some((m & 0xffff_ffff) as usize - 1),
+                Some(&m) if m >> 32 == gen >> 32 => ((m & 0xffff_ffff) as usize).checked_sub(1),
                 _ => None,
             }
         };
