@@ -1,10 +1,14 @@
 //! `understudy`: fault-tolerance replication for KVM virtual machines.
 
+mod certs;
+mod config;
+mod metrics;
+mod protect;
 mod run;
 mod workload;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Keeps a hot standby of a KVM guest on a second host and fails over to it.
 #[derive(Parser)]
@@ -18,6 +22,13 @@ struct Cli {
 enum Command {
     /// Run a guest alone (no replication), streaming its console to stdout.
     Run(run::RunArgs),
+    /// Run a guest and protect it by continuous checkpointing to a backup.
+    Primary(Box<protect::PrimaryArgs>),
+    /// Keep a hot, verified image of a primary's guest.
+    Backup(protect::BackupArgs),
+    /// Manage the private CA and node certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 fn main() {
@@ -28,9 +39,25 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let args = match config::expand(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::command()
+        .args_override_self(true)
+        .get_matches_from(args);
+    let cli = match Cli::from_arg_matches(&cli) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let result: Result<i32> = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Primary(args) => protect::primary(*args),
+        Command::Backup(args) => protect::backup(args),
+        Command::Certs(cmd) => certs::run(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

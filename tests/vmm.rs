@@ -11,7 +11,13 @@ use understudy_vmm::{Boot, MemorySink, OutputGate, Vm, VmConfig};
 
 fn ticks(text: &str) -> Vec<u64> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("tick ")?
+                .strip_suffix(" ok")?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -20,7 +26,11 @@ fn ticks(text: &str) -> Vec<u64> {
 /// next N and its self-checks pass.
 #[test]
 fn restore_in_another_process_continues_the_ledger() {
-    if let Err(e) = std::fs::File::options().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("this test needs read-write access to /dev/kvm, which failed: {e}");
     }
     let mut config = VmConfig::new(256 << 20);
@@ -37,7 +47,9 @@ fn restore_in_another_process_continues_the_ledger() {
     std::thread::sleep(Duration::from_millis(700));
     vm.pause().unwrap();
     let before = sink.text();
-    let last = *ticks(&before).last().expect("the ledger ticked before the pause");
+    let last = *ticks(&before)
+        .last()
+        .expect("the ledger ticked before the pause");
 
     let dir = tempfile::tempdir().unwrap();
     let state_path = dir.path().join("vm.state");
@@ -63,9 +75,15 @@ fn restore_in_another_process_continues_the_ledger() {
     // A line cut by the pause is finished by the restored VM, so judge the joined console.
     let joined = ticks(&format!("{before}{after}"));
     let restored = ticks(&after);
-    assert!(restored.len() >= 3, "restored VM barely ticked: {after}\n{stderr}");
+    assert!(
+        restored.len() >= 3,
+        "restored VM barely ticked: {after}\n{stderr}"
+    );
     let first_after = joined[joined.iter().position(|&t| t == last).unwrap() + 1];
     assert_eq!(first_after, last + 1, "first tick after restore");
-    assert!(joined.windows(2).all(|w| w[1] == w[0] + 1), "ticks: {joined:?}");
+    assert!(
+        joined.windows(2).all(|w| w[1] == w[0] + 1),
+        "ticks: {joined:?}"
+    );
     drop(vm);
 }

@@ -1,1 +1,47 @@
-//! understudy-backup
+//! The backup: receives a primary's epochs over QUIC, verifies them and applies each one to the
+//! hot image as a single step, then acknowledges it.
+//!
+//! ```text
+//!  uni streams --chunk--> decode + verify (blocking pool) --> EpochAssembler(E) (any order)
+//!  control stream: Hello -> Welcome | Reject
+//!                  Commit(E) --+
+//!                              +--> when every chunk of E is in: assembler.commit() under
+//!                                   the image lock (a promotion sees all of E or none of it),
+//!                                   digest checked, state blob kept --> Ack(E)
+//! ```
+//!
+//! The hot image lives in memfds ([`understudy_vmm::GuestMemory`]), so a promotion can hand
+//! them to a new VM without a copy. A session is one primary; a bad peer (an undecodable frame,
+//! an epoch out of order, a commit whose chunks never come, a digest mismatch) gets a clear log
+//! line and a closed connection, and nothing of the offending epoch is applied.
+
+mod image;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use image::{HotImage, Replicated};
+pub use session::{run, BackupError};
+use understudy_transport::TlsFiles;
+
+/// Everything the backup needs.
+pub struct BackupConfig {
+    /// Where to listen (UDP, QUIC).
+    pub listen: SocketAddr,
+    /// Our certificate, key and the CA.
+    pub tls: TlsFiles,
+    /// The VM this backup protects; a primary for another VM is refused.
+    pub vm_id: String,
+    /// Test knob: hold every `Ack` this long.
+    pub ack_delay: Duration,
+    /// Test knob: a JSON line per `Ack` sent (epoch, time).
+    pub ack_journal: Option<PathBuf>,
+    /// When the primary says goodbye: leave the image and the last state blob here.
+    pub dump_dir: Option<PathBuf>,
+    /// Exit after the first session instead of waiting for the next primary.
+    pub exit_after_session: bool,
+    /// How long a `Commit` may wait for its chunks before the session is ended.
+    pub chunk_timeout: Duration,
+}

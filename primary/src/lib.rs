@@ -1,1 +1,75 @@
-//! understudy-primary
+//! The primary: runs the guest and protects it by continuous checkpointing to a backup.
+//!
+//! ```text
+//!  capture thread          encoder thread             tokio tasks
+//!  --------------          --------------             -----------
+//!  wait: interval, and     EncoderState::             chunks on parallel uni streams,
+//!  a free in-flight slot   encode_epoch (workers)     then Commit(E) on the control stream
+//!  pause                        |                            |
+//!  state + take_dirty           |                     control reader: Ack(E) ->
+//!  copy dirty pages -----> Captured(E) -----> Encoded(E) ---> release E's console bytes,
+//!  seal console epoch E                                      free E's slot (backpressure)
+//!  resume
+//! ```
+//!
+//! Before the first consistent epoch, a *full sync* ships every page while the guest runs, as
+//! sync epochs whose `Commit` carries no VM state (the backup's image is not promotable yet).
+//! Dirty logging starts before the sync, so the first consistent epoch carries every page the
+//! guest changed meanwhile, and after it the backup's image equals the guest's at its capture.
+//! At most `max_in_flight` epochs are between capture and `Ack`; when the backup or the link
+//! falls behind, the capture thread waits for a slot and the next epoch simply gets longer.
+
+mod capture;
+mod journal;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use capture::PageMap;
+pub use session::{run, PrimaryError, Summary};
+use understudy_transport::TlsFiles;
+use understudy_vmm::guests::Workload;
+use understudy_vmm::RegionSpec;
+
+/// Default epoch length.
+pub const DEFAULT_EPOCH: Duration = Duration::from_millis(25);
+/// Default bound on epochs between capture and `Ack`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+
+/// Everything the primary needs.
+pub struct PrimaryConfig {
+    /// Identifies the VM to the backup.
+    pub vm_id: String,
+    /// Where the backup listens.
+    pub backup: SocketAddr,
+    /// The name in the backup's certificate.
+    pub backup_name: String,
+    /// Our certificate, key and the CA.
+    pub tls: TlsFiles,
+    /// The guest.
+    pub workload: Workload,
+    /// Guest memory layout.
+    pub regions: Vec<RegionSpec>,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Epoch length.
+    pub epoch: Duration,
+    /// Epochs between capture and `Ack`, at most.
+    pub max_in_flight: usize,
+    /// Encoder worker threads.
+    pub encode_threads: usize,
+    /// Pages per full-sync epoch.
+    pub sync_batch_pages: u32,
+    /// Where released console bytes go.
+    pub console: Box<dyn std::io::Write + Send>,
+    /// Test knob: a JSON line per output release (epoch, bytes, time).
+    pub release_journal: Option<PathBuf>,
+    /// Stop after this many consistent epochs (0 = run until stopped).
+    pub stop_after_epochs: u64,
+    /// On a stop: leave guest memory and the last committed state blob here.
+    pub dump_dir: Option<PathBuf>,
+    /// Show a progress bar for the full sync (a terminal); otherwise log lines.
+    pub progress_bar: bool,
+}

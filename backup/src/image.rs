@@ -1,0 +1,91 @@
+//! The hot image: guest memory in memfds, addressed by the protocol's page index space.
+
+use understudy_protocol::{MemoryLayout, Page, PageImage, Replica, PAGE_SIZE};
+use understudy_vmm::memory::MemoryError;
+use understudy_vmm::{GuestMemory, RegionSpec};
+
+/// Guest memory the backup applies epochs into.
+pub struct HotImage {
+    memory: GuestMemory,
+    /// (first page index, guest-physical start, pages) per region.
+    map: Vec<(u32, u64, u64)>,
+    pages: u64,
+}
+
+impl HotImage {
+    /// Zeroed memory in the layout the primary announced.
+    pub fn new(layout: &MemoryLayout) -> Result<Self, MemoryError> {
+        let specs: Vec<RegionSpec> = layout
+            .regions
+            .iter()
+            .map(|r| RegionSpec {
+                gpa: r.gpa,
+                size: r.pages.saturating_mul(PAGE_SIZE as u64),
+            })
+            .collect();
+        let memory = GuestMemory::new(&specs)?;
+        let mut map = Vec::new();
+        let mut first = 0u64;
+        for r in &layout.regions {
+            map.push((first as u32, r.gpa, r.pages));
+            first += r.pages;
+        }
+        Ok(HotImage {
+            memory,
+            map,
+            pages: first,
+        })
+    }
+
+    /// The memory (for dumps and promotion).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    fn gpa(&self, index: u32) -> Option<u64> {
+        self.map
+            .iter()
+            .rev()
+            .find(|(first, _, _)| *first <= index)
+            .and_then(|&(first, gpa, pages)| {
+                let off = u64::from(index - first);
+                (off < pages).then(|| gpa + off * PAGE_SIZE as u64)
+            })
+    }
+}
+
+impl PageImage for HotImage {
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+    fn read_page(&self, index: u32, out: &mut Page) {
+        if let Some(gpa) = self.gpa(index) {
+            // In range by construction: `gpa` only maps indices inside a region.
+            let _ = self.memory.read(gpa, out);
+        }
+    }
+    fn write_page(&mut self, index: u32, data: &Page) {
+        if let Some(gpa) = self.gpa(index) {
+            let _ = self.memory.write_untracked(gpa, data);
+        }
+    }
+}
+
+/// What the backup holds: the image, its page hashes and epoch, and the VM state of the last
+/// consistent epoch. Kept behind one lock so that a promotion sees whole epochs only.
+pub struct Replicated {
+    pub image: HotImage,
+    pub replica: Replica,
+    /// (epoch, state blob) of the last committed epoch that carried a state; the image is
+    /// promotable only when this epoch equals the replica's epoch.
+    pub state: Option<(u64, Vec<u8>)>,
+}
+
+impl Replicated {
+    /// Whether the image is a consistent checkpoint that a VM can be resumed from.
+    pub fn promotable(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|(e, _)| *e == self.replica.epoch())
+    }
+}

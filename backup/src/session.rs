@@ -1,0 +1,373 @@
+//! Serving primaries: accept, handshake, receive chunks and commits, apply, acknowledge.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use understudy_protocol::{
+    answer_hello, Ack, ChunkDecoder, Commit, DecodedChunk, EpochAssembler, Limits, LocalEnd,
+    Message, Replica,
+};
+use understudy_transport::messages;
+use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
+
+use crate::image::{HotImage, Replicated};
+use crate::BackupConfig;
+
+/// Epochs beyond the last committed one for which chunks may be staged.
+const MAX_EPOCHS_AHEAD: u64 = 8;
+
+/// Why the backup stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("loading our TLS identity")]
+    Identity(#[source] understudy_transport::certs::LoadError),
+    #[error("listening")]
+    Bind(#[source] understudy_transport::BindError),
+    #[error("writing the dump")]
+    Dump(#[source] std::io::Error),
+}
+
+/// Why one session ended early; logged, and the connection closed with it.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("link: {0}")]
+    Link(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("epoch {epoch} was refused and not applied: {reason}")]
+    Apply { epoch: u64, reason: String },
+    #[error("refused the primary: {0}")]
+    Refused(String),
+}
+
+/// Serves primaries until `stop` is set (or after one session, if so configured).
+pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
+    let identity = Identity::load(&cfg.tls).map_err(BackupError::Identity)?;
+    let endpoint = Endpoint::server(cfg.listen, &identity, &TransportOptions::default())
+        .map_err(BackupError::Bind)?;
+    info!(addr = %cfg.listen, vm = %cfg.vm_id, "backup listening");
+    while !stop.load(Ordering::SeqCst) {
+        let accepted = tokio::select! {
+            a = endpoint.accept() => a,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let conn = match accepted {
+            None => break,
+            Some(Err(e)) => {
+                warn!(error = %e, "refused a connection; nothing applied");
+                continue;
+            }
+            Some(Ok(conn)) => conn,
+        };
+        info!(peer = conn.peer_name(), addr = %conn.remote_address(), "primary connected");
+        match serve(&cfg, &conn).await {
+            Ok(held) => {
+                info!(peer = conn.peer_name(), "session ended");
+                if let (Some(dir), Some(held)) = (&cfg.dump_dir, held) {
+                    let held = held.lock().unwrap_or_else(|e| e.into_inner());
+                    dump(dir, &held).map_err(BackupError::Dump)?;
+                    info!(dir = %dir.display(), epoch = held.replica.epoch(), "dumped image");
+                }
+            }
+            Err(e) => {
+                error!(peer = conn.peer_name(), error = %e, "session ended");
+                conn.close(1, &e.to_string());
+            }
+        }
+        if cfg.exit_after_session {
+            break;
+        }
+    }
+    endpoint.close(0, "backup stopping");
+    Ok(())
+}
+
+fn dump(dir: &Path, held: &Replicated) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("memory.img"))?);
+    let mem = held.image.memory();
+    let mut buf = vec![0u8; 1 << 20];
+    for r in mem.specs() {
+        let mut off = 0;
+        while off < r.size {
+            let n = buf.len().min((r.size - off) as usize);
+            mem.read(r.gpa + off, &mut buf[..n])
+                .map_err(std::io::Error::other)?;
+            f.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+    }
+    f.flush()?;
+    let state = held
+        .state
+        .as_ref()
+        .map(|(_, s)| s.as_slice())
+        .unwrap_or(&[]);
+    std::fs::write(dir.join("state.bin"), state)
+}
+
+fn now_unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Sends acks in order, each no earlier than its `ready_at` (the ack-delay knob).
+async fn ack_sender(
+    mut tx: FrameSender,
+    mut rx: mpsc::UnboundedReceiver<(u64, Instant)>,
+    journal: Option<std::path::PathBuf>,
+) -> Result<FrameSender, SessionError> {
+    let mut journal = match journal {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| SessionError::Link(e.to_string()))?),
+        None => None,
+    };
+    while let Some((epoch, ready_at)) = rx.recv().await {
+        tokio::time::sleep_until(ready_at.into()).await;
+        if let Some(j) = &mut journal {
+            let _ = writeln!(j, r#"{{"epoch":{epoch},"unix_ns":{}}}"#, now_unix_ns());
+        }
+        messages::send(&mut tx, &Message::Ack(Ack { epoch }))
+            .await
+            .map_err(|e| SessionError::Link(e.to_string()))?;
+    }
+    Ok(tx)
+}
+
+type Held = Arc<Mutex<Replicated>>;
+
+async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Option<Held>, SessionError> {
+    let limits = Limits::default();
+    let control = conn
+        .accept_control(limits.max_frame_len)
+        .await
+        .map_err(|e| SessionError::Link(e.to_string()))?;
+    let (mut tx, mut rx) = control.split();
+    let first = rx
+        .read_frame()
+        .await
+        .map_err(|e| SessionError::Link(e.to_string()))?
+        .ok_or_else(|| SessionError::Link("control stream closed before Hello".into()))?;
+    let hello = match messages::decode(&first, &limits) {
+        Ok(Message::Hello(h)) => h,
+        Ok(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected Hello, got {:?}",
+                other.kind()
+            )))
+        }
+        Err(e) => return Err(SessionError::Protocol(format!("undecodable Hello: {e}"))),
+    };
+    let answer = answer_hello(&hello, &LocalEnd::new(cfg.vm_id.clone()));
+    let _ = messages::send(&mut tx, &answer).await;
+    let version = match answer {
+        Message::Welcome(w) => w.version,
+        Message::Reject(r) => {
+            warn!(code = ?r.code, reason = %r.reason, vm = %hello.vm_id, "refused the primary");
+            let _ = tx.finish();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(SessionError::Refused(r.reason));
+        }
+        _ => unreachable!("answer_hello returns Welcome or Reject"),
+    };
+    let image = HotImage::new(&hello.layout).map_err(|e| SessionError::Refused(e.to_string()))?;
+    let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;
+    let held: Held = Arc::new(Mutex::new(Replicated {
+        image,
+        replica: Replica::zeroed(pages as u32),
+        state: None,
+    }));
+    info!(version, vm = %hello.vm_id, pages, mode = ?hello.mode, "session accepted");
+
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let acks = tokio::spawn(ack_sender(tx, ack_rx, cfg.ack_journal.clone()));
+
+    // Chunks: each uni stream carries one chunk frame; decode and verify off the runtime.
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<DecodedChunk, String>>(64);
+    let receiver = {
+        let conn = conn.clone();
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut reader = match conn.accept_uni(limits.max_frame_len).await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                let chunk_tx = chunk_tx.clone();
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    let decoded = async {
+                        let frame = reader
+                            .read_frame()
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .ok_or("empty chunk stream")?;
+                        let chunk = match messages::decode(&frame, &limits) {
+                            Ok(Message::Chunk(c)) => c,
+                            Ok(other) => {
+                                return Err(format!("{:?} on a chunk stream", other.kind()))
+                            }
+                            Err(e) => return Err(format!("undecodable chunk frame: {e}")),
+                        };
+                        tokio::task::spawn_blocking(move || {
+                            ChunkDecoder::new(limits, pages)
+                                .decode_frame(&chunk)
+                                .map_err(|e| format!("chunk of epoch {} refused: {e}", chunk.epoch))
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                    }
+                    .await;
+                    let _ = chunk_tx.send(decoded).await;
+                });
+            }
+        })
+    };
+
+    // Control frames through a channel: `read_frame` is not cancel-safe, so it must not sit in
+    // the session loop's `select!` next to a timer.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Result<Message, SessionError>>(16);
+    let control_reader = {
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match rx.read_frame().await {
+                    Ok(Some(f)) => messages::decode(&f, &limits).map_err(|e| {
+                        SessionError::Protocol(format!(
+                            "undecodable control message ({} bytes): {e}",
+                            f.len()
+                        ))
+                    }),
+                    Ok(None) => Err(SessionError::Link("control stream closed".into())),
+                    Err(e) => Err(SessionError::Link(e.to_string())),
+                };
+                let end = msg.is_err();
+                if ctl_tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        })
+    };
+    let result = session_loop(cfg, &limits, &held, &mut ctl_rx, &mut chunk_rx, &ack_tx).await;
+    control_reader.abort();
+    receiver.abort();
+    drop(ack_tx);
+    let _ = acks.await;
+    result.map(|()| Some(held))
+}
+
+async fn session_loop(
+    cfg: &BackupConfig,
+    limits: &Limits,
+    held: &Held,
+    control: &mut mpsc::Receiver<Result<Message, SessionError>>,
+    chunks: &mut mpsc::Receiver<Result<DecodedChunk, String>>,
+    acks: &mpsc::UnboundedSender<(u64, Instant)>,
+) -> Result<(), SessionError> {
+    let mut committed = 0u64;
+    let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
+    let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            msg = control.recv() => {
+                let msg = msg.ok_or_else(|| SessionError::Link("control reader ended".into()))?;
+                match msg {
+                    Ok(Message::Commit(c)) => {
+                        let expected = committed + 1 + commits.len() as u64;
+                        if c.epoch != expected {
+                            return Err(SessionError::Protocol(format!(
+                                "Commit for epoch {} while expecting {expected}", c.epoch
+                            )));
+                        }
+                        commits.push_back((c, Instant::now()));
+                    }
+                    Ok(Message::Heartbeat(_)) => {}
+                    Ok(Message::Goodbye(g)) => {
+                        info!(reason = ?g.reason, text = %g.text, committed, "primary said goodbye");
+                        return Ok(());
+                    }
+                    Ok(other) => {
+                        return Err(SessionError::Protocol(format!(
+                            "unexpected {:?} on the control stream", other.kind()
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            chunk = chunks.recv() => {
+                let chunk = chunk
+                    .ok_or_else(|| SessionError::Link("chunk receiver ended".into()))?
+                    .map_err(SessionError::Protocol)?;
+                let e = chunk.epoch;
+                if e <= committed || e > committed + MAX_EPOCHS_AHEAD {
+                    return Err(SessionError::Protocol(format!(
+                        "chunk for epoch {e} while epoch {committed} is the last committed"
+                    )));
+                }
+                staged
+                    .entry(e)
+                    .or_insert_with(|| EpochAssembler::new(e, limits.clone()))
+                    .add(chunk)
+                    .map_err(|err| SessionError::Protocol(err.to_string()))?;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        // Apply every commit whose chunks are all in, in order.
+        while let Some((c, since)) = commits.front() {
+            let have = staged.get(&c.epoch).map_or(0, |a| a.chunk_count());
+            if have < c.chunk_count as usize {
+                if since.elapsed() > cfg.chunk_timeout {
+                    return Err(SessionError::Protocol(format!(
+                        "Commit({}) announced {} chunks, {have} arrived within {:?}",
+                        c.epoch, c.chunk_count, cfg.chunk_timeout
+                    )));
+                }
+                break;
+            }
+            let (c, _) = commits.pop_front().expect("front exists");
+            let assembler = staged
+                .remove(&c.epoch)
+                .unwrap_or_else(|| EpochAssembler::new(c.epoch, limits.clone()));
+            let held = Arc::clone(held);
+            let started = Instant::now();
+            let (epoch, outcome) = tokio::task::spawn_blocking(move || {
+                let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+                let h = &mut *h;
+                let r = assembler.commit(&c, &mut h.replica, &mut h.image);
+                if r.is_ok() && !c.state.is_empty() {
+                    h.state = Some((c.epoch, c.state));
+                }
+                (c.epoch, r)
+            })
+            .await
+            .map_err(|e| SessionError::Link(e.to_string()))?;
+            match outcome {
+                Ok(done) => {
+                    committed = epoch;
+                    metrics::counter!("understudy_epochs_total", "outcome" => "applied")
+                        .increment(1);
+                    metrics::histogram!("understudy_apply_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::gauge!("understudy_last_committed_epoch").set(epoch as f64);
+                    tracing::debug!(epoch, pages = done.pages, "committed epoch");
+                    let _ = acks.send((epoch, Instant::now() + cfg.ack_delay));
+                }
+                Err(e) => {
+                    metrics::counter!("understudy_epochs_total", "outcome" => "refused")
+                        .increment(1);
+                    return Err(SessionError::Apply {
+                        epoch,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The capture thread: full-sync reads while the guest runs, then one paused capture per epoch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use understudy_protocol::{MemoryLayout, Region, PAGE_SIZE};
+use understudy_vmm::{RegionSpec, Vm};
+
+use crate::session::PrimaryError;
+
+/// Maps guest-physical addresses to the protocol's page index space (the regions' pages
+/// concatenated in order) and back.
+#[derive(Clone, Debug)]
+pub struct PageMap {
+    regions: Vec<RegionSpec>,
+    starts: Vec<u32>,
+    total: u32,
+}
+
+impl PageMap {
+    /// The index space of `regions`, in order.
+    pub fn new(regions: &[RegionSpec]) -> Self {
+        let mut starts = Vec::with_capacity(regions.len());
+        let mut total = 0u32;
+        for r in regions {
+            starts.push(total);
+            total += r.pages() as u32;
+        }
+        PageMap {
+            regions: regions.to_vec(),
+            starts,
+            total,
+        }
+    }
+
+    /// Pages in all regions.
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+
+    /// The protocol page index of a guest-physical page address.
+    pub fn index_of(&self, gpa: u64) -> Option<u32> {
+        self.regions
+            .iter()
+            .zip(&self.starts)
+            .find(|(r, _)| gpa >= r.gpa && gpa < r.gpa + r.size)
+            .map(|(r, s)| s + ((gpa - r.gpa) / PAGE_SIZE as u64) as u32)
+    }
+
+    /// The guest-physical address of page `index`.
+    pub fn gpa_of(&self, index: u32) -> Option<u64> {
+        let k = self
+            .starts
+            .partition_point(|&s| s <= index)
+            .checked_sub(1)?;
+        let r = self.regions.get(k)?;
+        let off = u64::from(index - self.starts[k]);
+        (off < r.pages()).then(|| r.gpa + off * PAGE_SIZE as u64)
+    }
+
+    /// The layout announced in `Hello`.
+    pub fn layout(&self) -> MemoryLayout {
+        MemoryLayout {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| Region {
+                    gpa: r.gpa,
+                    pages: r.pages(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[RegionSpec] {
+        &self.regions
+    }
+}
+
+/// One epoch's pages, copied out of the guest, waiting to be encoded.
+pub(crate) struct Captured {
+    pub epoch: u64,
+    pub indices: Vec<u32>,
+    pub pages: Vec<u8>,
+    /// The VM state blob; empty for full-sync epochs (not a consistent checkpoint).
+    pub state: Vec<u8>,
+    pub captured_at: Instant,
+    /// Holds one of the `max_in_flight` slots until the backup acknowledges the epoch.
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// What the capture thread needs.
+pub(crate) struct CaptureCtl {
+    pub map: PageMap,
+    pub epoch_len: Duration,
+    pub sync_batch: u32,
+    pub slots: Arc<Semaphore>,
+    pub out: mpsc::Sender<Captured>,
+    pub stop: Arc<AtomicBool>,
+    pub stop_after: u64,
+    pub runtime: tokio::runtime::Handle,
+    pub progress_bar: bool,
+}
+
+/// How the capture thread ended.
+pub(crate) struct CaptureEnd {
+    /// The last epoch captured; with `paused`, the guest has not run since.
+    pub last_epoch: u64,
+    pub paused: bool,
+    pub last_state: Vec<u8>,
+}
+
+fn take_slot(ctl: &CaptureCtl) -> Result<OwnedSemaphorePermit, PrimaryError> {
+    ctl.runtime
+        .block_on(Arc::clone(&ctl.slots).acquire_owned())
+        .map_err(|_| PrimaryError::Stopped)
+}
+
+fn send(ctl: &CaptureCtl, c: Captured) -> Result<(), PrimaryError> {
+    ctl.out.blocking_send(c).map_err(|_| PrimaryError::Stopped)
+}
+
+/// Number of full-sync epochs for a memory of `pages` pages.
+pub(crate) fn sync_epochs(pages: u32, batch: u32) -> u64 {
+    u64::from(pages.div_ceil(batch.max(1)))
+}
+
+/// Runs the full sync and then the epoch loop until stopped.
+pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, PrimaryError> {
+    let total = ctl.map.total();
+    let batch = ctl.sync_batch.max(1);
+    // Dirty logging is on since boot; reset it so that everything changed from here on is in
+    // the first consistent epoch.
+    vm.take_dirty()?;
+    let started = Instant::now();
+    let mut epoch = 0u64;
+    let mut last_report = Instant::now();
+    for first in (0..total).step_by(batch as usize) {
+        let slot = take_slot(ctl)?;
+        let n = batch.min(total - first);
+        let mut pages = vec![0u8; n as usize * PAGE_SIZE];
+        let indices: Vec<u32> = (first..first + n).collect();
+        for (i, buf) in indices.iter().zip(pages.chunks_exact_mut(PAGE_SIZE)) {
+            let gpa = ctl.map.gpa_of(*i).expect("index below total");
+            vm.memory().read(gpa, buf)?;
+        }
+        epoch += 1;
+        send(
+            ctl,
+            Captured {
+                epoch,
+                indices,
+                pages,
+                state: Vec::new(),
+                captured_at: Instant::now(),
+                slot,
+            },
+        )?;
+        let done = first + n;
+        if ctl.progress_bar {
+            eprint!(
+                "\rfull sync [{:<40}] {:>3}% {done}/{total} pages",
+                "#".repeat((done as usize * 40) / total as usize),
+                done as u64 * 100 / u64::from(total)
+            );
+            if done == total {
+                eprintln!();
+            }
+        } else if last_report.elapsed() >= Duration::from_secs(1) || done == total {
+            tracing::info!(
+                pages = done,
+                of = total,
+                percent = done as u64 * 100 / u64::from(total),
+                "full sync progress"
+            );
+            last_report = Instant::now();
+        }
+        if ctl.stop.load(Ordering::SeqCst) {
+            return Err(PrimaryError::Stopped);
+        }
+    }
+    tracing::info!(
+        pages = total,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "full sync read; consistent epochs follow"
+    );
+
+    let mut consistent = 0u64;
+    let mut deadline = Instant::now() + ctl.epoch_len;
+    let mut previous = Instant::now();
+    loop {
+        let slot = take_slot(ctl)?;
+        let now = Instant::now();
+        if deadline > now {
+            std::thread::sleep(deadline - now);
+        }
+        let last = ctl.stop.load(Ordering::SeqCst)
+            || (ctl.stop_after > 0 && consistent + 1 >= ctl.stop_after);
+        let t0 = Instant::now();
+        vm.pause()?;
+        let state = vm.state()?.encode();
+        let dirty = vm.take_dirty()?;
+        let count = dirty.count();
+        let mut indices = Vec::with_capacity(count);
+        let mut pages = vec![0u8; count * PAGE_SIZE];
+        for (gpa, buf) in dirty.pages().zip(pages.chunks_exact_mut(PAGE_SIZE)) {
+            indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
+            vm.memory().read(gpa, buf)?;
+        }
+        let sealed = vm.gate().seal();
+        if !last {
+            vm.resume();
+        }
+        let pause = t0.elapsed();
+        epoch += 1;
+        consistent += 1;
+        debug_assert_eq!(sealed, epoch, "console epochs follow protocol epochs");
+        metrics::histogram!("understudy_pause_seconds").record(pause.as_secs_f64());
+        metrics::histogram!("understudy_dirty_pages").record(count as f64);
+        metrics::gauge!("understudy_epoch_interval_seconds").set((t0 - previous).as_secs_f64());
+        previous = t0;
+        tracing::debug!(
+            epoch,
+            pages = count,
+            pause_us = pause.as_micros() as u64,
+            "captured"
+        );
+        send(
+            ctl,
+            Captured {
+                epoch,
+                indices,
+                pages,
+                state: state.clone(),
+                captured_at: t0,
+                slot,
+            },
+        )?;
+        if last {
+            return Ok(CaptureEnd {
+                last_epoch: epoch,
+                paused: true,
+                last_state: state,
+            });
+        }
+        deadline = Instant::now() + ctl.epoch_len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_map_round_trips_across_regions() {
+        let regions = understudy_vmm::memory::split_regions(48 << 20, 3);
+        let m = PageMap::new(&regions);
+        assert_eq!(m.total(), (48 << 20) / 4096);
+        for i in [0, 1, 4095, 4096, 4097, 12287] {
+            assert_eq!(m.index_of(m.gpa_of(i).unwrap()), Some(i));
+        }
+        assert_eq!(m.gpa_of(12288), None);
+        assert_eq!(m.index_of(48 << 20), None);
+        assert_eq!(m.layout().total_pages(), 12288);
+    }
+}

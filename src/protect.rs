@@ -1,0 +1,224 @@
+//! `understudy primary` and `understudy backup`: protect mode.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tracing::info;
+use understudy_backup::BackupConfig;
+use understudy_primary::PrimaryConfig;
+use understudy_transport::TlsFiles;
+
+use crate::workload::GuestArgs;
+
+/// TLS material shared by every role.
+#[derive(Args, Clone, Debug)]
+pub struct TlsArgs {
+    /// Directory with ca.pem and this node's NAME.pem / NAME.key (see `understudy certs`).
+    #[arg(long, default_value = "certs")]
+    pub certs: PathBuf,
+    /// This node's certificate name.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+impl TlsArgs {
+    fn files(&self, default_name: &str) -> TlsFiles {
+        TlsFiles::in_dir(&self.certs, self.name.as_deref().unwrap_or(default_name))
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "ms"));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 25ms, 1.5s or 500us"))?;
+    let secs = match unit {
+        "us" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use us, ms or s")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("{s} is out of range (0..=1h)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_epoch(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(10) {
+        return Err(format!("--epoch {s} is out of range: use 1ms..=10s"));
+    }
+    Ok(d)
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+#[derive(Args)]
+pub struct PrimaryArgs {
+    /// Read any of these flags from a TOML file (keys = long flag names); the command line wins.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The backup's address (host:port, UDP).
+    #[arg(long)]
+    backup: SocketAddr,
+    /// The name in the backup's certificate.
+    #[arg(long, default_value = "backup")]
+    backup_name: String,
+    /// The VM's id; the backup refuses a primary for another VM.
+    #[arg(long, default_value = "vm-1")]
+    vm_id: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Epoch length (checkpoint interval), 1ms..=10s.
+    #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
+    epoch: Duration,
+    /// Epochs between capture and the backup's Ack at most; when reached, epochs get longer.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    max_in_flight: u64,
+    /// Encoder worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    encode_threads: u64,
+    /// Pages per full-sync epoch.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(256..=262144))]
+    sync_batch: u32,
+    /// Stop after this many consistent epochs, leaving the guest paused (0 = run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    epochs: u64,
+    /// With --epochs: write guest memory (memory.img) and the last committed state (state.bin) here.
+    #[arg(long)]
+    dump_dir: Option<PathBuf>,
+    /// Test knob: append a JSON line per console release (epoch, bytes, unix_ns) to this file.
+    #[arg(long, hide = true)]
+    release_journal: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+pub fn primary(args: PrimaryArgs) -> Result<i32> {
+    let _ = &args.config;
+    crate::metrics::install(args.metrics)?;
+    let stop = stop_flag()?;
+    let cfg = PrimaryConfig {
+        vm_id: args.vm_id,
+        backup: args.backup,
+        backup_name: args.backup_name,
+        tls: args.tls.files("primary"),
+        workload: args.guest.workload()?,
+        regions: args.guest.regions()?,
+        vcpus: args.guest.vcpus,
+        epoch: args.epoch,
+        max_in_flight: args.max_in_flight as usize,
+        encode_threads: args.encode_threads as usize,
+        sync_batch_pages: args.sync_batch,
+        console: Box::new(std::io::stdout()),
+        release_journal: args.release_journal,
+        stop_after_epochs: args.epochs,
+        dump_dir: args.dump_dir,
+        progress_bar: std::io::stderr().is_terminal(),
+    };
+    let summary = runtime()?.block_on(understudy_primary::run(cfg, stop))?;
+    info!(
+        sync_epochs = summary.sync_epochs,
+        last_epoch = summary.last_epoch,
+        last_acked = summary.last_acked,
+        wire_bytes = summary.wire_bytes,
+        raw_bytes = summary.raw_bytes,
+        "primary finished"
+    );
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Read any of these flags from a TOML file (keys = long flag names); the command line wins.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (UDP, QUIC).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// The VM this backup protects; a primary for another VM id is refused.
+    #[arg(long, default_value = "vm-1")]
+    vm_id: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// When the primary says goodbye: write the image (memory.img) and last state (state.bin) here.
+    #[arg(long)]
+    dump_dir: Option<PathBuf>,
+    /// Exit after serving one primary instead of waiting for the next.
+    #[arg(long)]
+    once: bool,
+    /// How long a Commit may wait for its chunks before the session is ended.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    chunk_timeout: Duration,
+    /// Test knob: hold every Ack this long.
+    #[arg(long, hide = true, default_value = "0ms", value_parser = parse_duration)]
+    ack_delay: Duration,
+    /// Test knob: append a JSON line per Ack sent (epoch, unix_ns) to this file.
+    #[arg(long, hide = true)]
+    ack_journal: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+pub fn backup(args: BackupArgs) -> Result<i32> {
+    let _ = &args.config;
+    crate::metrics::install(args.metrics)?;
+    let stop = stop_flag()?;
+    let cfg = BackupConfig {
+        listen: args.listen,
+        tls: args.tls.files("backup"),
+        vm_id: args.vm_id,
+        ack_delay: args.ack_delay,
+        ack_journal: args.ack_journal,
+        dump_dir: args.dump_dir,
+        exit_after_session: args.once,
+        chunk_timeout: args.chunk_timeout,
+    };
+    runtime()?.block_on(understudy_backup::run(cfg, stop))?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("25ms"), Ok(Duration::from_millis(25)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_epoch("0ms").is_err());
+        assert!(parse_epoch("11s").is_err());
+    }
+}
