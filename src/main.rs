@@ -1,5 +1,6 @@
 //! `understudy`: fault-tolerance replication for KVM virtual machines.
 
+mod bench;
 mod certs;
 mod config;
 mod metrics;
@@ -26,6 +27,9 @@ enum Command {
     Primary(Box<protect::PrimaryArgs>),
     /// Keep a hot, verified image of a primary's guest.
     Backup(protect::BackupArgs),
+    /// Benchmarks (figures with their references, measured in the same run).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Manage the private CA and node certificates for mutual TLS.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -58,6 +62,7 @@ fn main() {
         Command::Primary(args) => protect::primary(*args),
         Command::Backup(args) => protect::backup(args),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),
