@@ -15,13 +15,21 @@ impl Journal {
         }))
     }
 
-    pub fn record(&mut self, epoch: u64, bytes: usize) {
+    /// The time to record for a release: take it *before* the bytes go to the sink, so that
+    /// the journal never shows a release later than it happened.
+    pub fn now() -> u128 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    }
+
+    pub fn record(&mut self, epoch: u64, bytes: usize, unix_ns: u128) {
         if let Some(f) = &mut self.0 {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let _ = writeln!(f, r#"{{"epoch":{epoch},"bytes":{bytes},"unix_ns":{t}}}"#);
+            let _ = writeln!(
+                f,
+                r#"{{"epoch":{epoch},"bytes":{bytes},"unix_ns":{unix_ns}}}"#
+            );
         }
     }
 }

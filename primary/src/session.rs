@@ -314,8 +314,9 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
                             metrics::gauge!("understudy_replication_lag_seconds").set(latency);
                         }
                         if a.epoch > sync {
+                            let at = Journal::now();
                             let n = gate.release(a.epoch).unwrap_or(0);
-                            journal.record(a.epoch, n);
+                            journal.record(a.epoch, n, at);
                         }
                         last_acked.store(a.epoch, Ordering::SeqCst);
                         metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
