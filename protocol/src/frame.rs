@@ -55,6 +55,10 @@ pub enum FrameKind {
     Goodbye = 9,
     /// A chunk of page records ([`crate::ChunkFrame`], format in [`crate::codec`]).
     Chunk = 10,
+    /// [`crate::Lease`]
+    Lease = 11,
+    /// [`crate::LeaseReply`]
+    LeaseReply = 12,
 }
 
 impl FrameKind {
@@ -71,6 +75,8 @@ impl FrameKind {
             8 => FrameKind::Evict,
             9 => FrameKind::Goodbye,
             10 => FrameKind::Chunk,
+            11 => FrameKind::Lease,
+            12 => FrameKind::LeaseReply,
             _ => return None,
         })
     }

@@ -16,6 +16,11 @@
 //! | `Evict` (8) | `final_epoch u64` |
 //! | `Goodbye` (9) | `reason u16, text` |
 //! | `Chunk` (10) | a chunk, see [`crate::codec`] |
+//! | `Lease` (11) | `vm_id text, holder text, ttl_ms u32, seq u64` |
+//! | `LeaseReply` (12) | `granted u8, holder text, ttl_ms u32, seq u64` |
+//!
+//! `Lease`/`LeaseReply` travel between a node (primary or backup) and the witness: a node may
+//! run the VM only while it holds the lease (fencing against split brain).
 //!
 //! The `Hello` layout up to `has_base` is frozen for every future version (later versions may
 //! only append), so that any build can read the versions a peer speaks and answer it.
@@ -335,6 +340,33 @@ pub struct Evict {
     pub final_epoch: u64,
 }
 
+/// Asks the witness for the VM's lease, or renews it: granted when nobody else holds an
+/// unexpired lease for `vm_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The VM.
+    pub vm_id: String,
+    /// Who asks (its certificate name).
+    pub holder: String,
+    /// How long the lease should last from the witness's receipt.
+    pub ttl_ms: u32,
+    /// Echoed in the reply, to match replies to requests.
+    pub seq: u64,
+}
+
+/// The witness's answer to a [`Lease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseReply {
+    /// Whether the asker now holds the lease.
+    pub granted: bool,
+    /// Who holds it now.
+    pub holder: String,
+    /// If granted: the lease's length; otherwise how long the current holder's lease still runs.
+    pub ttl_ms: u32,
+    /// The request's `seq`.
+    pub seq: u64,
+}
+
 /// Why a session ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
@@ -428,6 +460,10 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// See [`Promote`].
     Promote(Promote),
+    /// See [`Lease`].
+    Lease(Lease),
+    /// See [`LeaseReply`].
+    LeaseReply(LeaseReply),
     /// See [`Evict`].
     Evict(Evict),
     /// See [`Goodbye`].
@@ -447,6 +483,8 @@ impl Message {
             Message::Ack(_) => FrameKind::Ack,
             Message::Heartbeat(_) => FrameKind::Heartbeat,
             Message::Promote(_) => FrameKind::Promote,
+            Message::Lease(_) => FrameKind::Lease,
+            Message::LeaseReply(_) => FrameKind::LeaseReply,
             Message::Evict(_) => FrameKind::Evict,
             Message::Goodbye(_) => FrameKind::Goodbye,
             Message::Chunk(_) => FrameKind::Chunk,
@@ -521,6 +559,18 @@ impl Message {
                 put_u64(out, h.hold_ns);
             }
             Message::Promote(p) => put_u64(out, p.epoch),
+            Message::Lease(l) => {
+                put_text(out, &l.vm_id);
+                put_text(out, &l.holder);
+                put_u32(out, l.ttl_ms);
+                put_u64(out, l.seq);
+            }
+            Message::LeaseReply(l) => {
+                out.push(l.granted as u8);
+                put_text(out, &l.holder);
+                put_u32(out, l.ttl_ms);
+                put_u64(out, l.seq);
+            }
             Message::Evict(e) => put_u64(out, e.final_epoch),
             Message::Goodbye(g) => {
                 put_u16(out, g.reason as u16);
@@ -631,6 +681,27 @@ impl Message {
             }),
             FrameKind::Promote => Message::Promote(Promote {
                 epoch: need(r.u64(), "epoch")?,
+            }),
+            FrameKind::Lease => Message::Lease(Lease {
+                vm_id: read_text(&mut r, "vm id", limits)?,
+                holder: read_text(&mut r, "holder", limits)?,
+                ttl_ms: need(r.u32(), "ttl")?,
+                seq: need(r.u64(), "seq")?,
+            }),
+            FrameKind::LeaseReply => Message::LeaseReply(LeaseReply {
+                granted: match need(r.u8(), "granted")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(MessageError::InvalidEnum {
+                            field: "granted",
+                            value: v.into(),
+                        })
+                    }
+                },
+                holder: read_text(&mut r, "holder", limits)?,
+                ttl_ms: need(r.u32(), "ttl")?,
+                seq: need(r.u64(), "seq")?,
             }),
             FrameKind::Evict => Message::Evict(Evict {
                 final_epoch: need(r.u64(), "final epoch")?,

@@ -6,8 +6,9 @@ use proptest::prelude::*;
 use understudy_protocol::frame::{begin_frame, decode_frame, finish_frame};
 use understudy_protocol::{
     answer_hello, Ack, Commit, Digest, EpochDigest, Evict, FrameDecoder, FrameError, FrameKind,
-    Goodbye, GoodbyeReason, Heartbeat, Hello, Limits, LocalEnd, MemoryLayout, Message, Mode,
-    PageTree, Promote, Region, Reject, RejectCode, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Goodbye, GoodbyeReason, Heartbeat, Hello, Lease, LeaseReply, Limits, LocalEnd, MemoryLayout,
+    Message, Mode, PageTree, Promote, Region, Reject, RejectCode, Welcome, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 fn digest() -> impl Strategy<Value = Digest> {
@@ -90,6 +91,22 @@ fn message() -> impl Strategy<Value = Message> {
             hold_ns: c
         })),
         any::<u64>().prop_map(|epoch| Message::Promote(Promote { epoch })),
+        (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(vm_id, holder, ttl_ms, seq)| {
+            Message::Lease(Lease {
+                vm_id,
+                holder,
+                ttl_ms,
+                seq,
+            })
+        }),
+        (any::<bool>(), text(), any::<u32>(), any::<u64>()).prop_map(
+            |(granted, holder, ttl_ms, seq)| Message::LeaseReply(LeaseReply {
+                granted,
+                holder,
+                ttl_ms,
+                seq,
+            })
+        ),
         any::<u64>().prop_map(|final_epoch| Message::Evict(Evict { final_epoch })),
         (
             prop_oneof![Just(GoodbyeReason::Done), Just(GoodbyeReason::Error)],
