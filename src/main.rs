@@ -6,6 +6,7 @@ mod config;
 mod metrics;
 mod protect;
 mod run;
+mod witness;
 mod workload;
 
 use anyhow::Result;
@@ -27,6 +28,8 @@ enum Command {
     Primary(Box<protect::PrimaryArgs>),
     /// Keep a hot, verified image of a primary's guest.
     Backup(protect::BackupArgs),
+    /// The third vote: grants each VM's lease to one node at a time (fencing).
+    Witness(witness::WitnessArgs),
     /// Benchmarks (figures with their references, measured in the same run).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -63,6 +66,7 @@ fn main() {
         Command::Backup(args) => protect::backup(args),
         Command::Certs(cmd) => certs::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Witness(args) => witness::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

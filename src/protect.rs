@@ -28,12 +28,12 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn files(&self, default_name: &str) -> TlsFiles {
+    pub fn files(&self, default_name: &str) -> TlsFiles {
         TlsFiles::in_dir(&self.certs, self.name.as_deref().unwrap_or(default_name))
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -70,7 +70,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

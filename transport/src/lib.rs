@@ -42,6 +42,7 @@
 
 pub mod certs;
 pub mod endpoint;
+pub mod lease;
 pub mod messages;
 pub mod stream;
 pub mod tls;
