@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use understudy_protocol::{MemoryLayout, Region, PAGE_SIZE};
+use understudy_vmm::guests::layout::PROGRESS_GPA;
 use understudy_vmm::{RegionSpec, Vm};
 
 use crate::session::PrimaryError;
@@ -113,10 +114,23 @@ pub(crate) struct CaptureEnd {
     pub last_state: Vec<u8>,
 }
 
+/// Waits for a free in-flight slot; gives up when stopped or when the slots are closed (the
+/// link to the backup is gone).
 fn take_slot(ctl: &CaptureCtl) -> Result<OwnedSemaphorePermit, PrimaryError> {
-    ctl.runtime
-        .block_on(Arc::clone(&ctl.slots).acquire_owned())
-        .map_err(|_| PrimaryError::Stopped)
+    loop {
+        if ctl.stop.load(Ordering::SeqCst) {
+            return Err(PrimaryError::Stopped);
+        }
+        let wait = tokio::time::timeout(
+            Duration::from_millis(100),
+            Arc::clone(&ctl.slots).acquire_owned(),
+        );
+        match ctl.runtime.block_on(wait) {
+            Ok(Ok(slot)) => return Ok(slot),
+            Ok(Err(_closed)) => return Err(PrimaryError::Stopped),
+            Err(_timeout) => continue,
+        }
+    }
 }
 
 fn send(ctl: &CaptureCtl, c: Captured) -> Result<(), PrimaryError> {
@@ -221,6 +235,11 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         metrics::histogram!("understudy_pause_seconds").record(pause.as_secs_f64());
         metrics::histogram!("understudy_dirty_pages").record(count as f64);
         metrics::gauge!("understudy_epoch_interval_seconds").set((t0 - previous).as_secs_f64());
+        if let Ok(progress) = vm.memory().read_u64(PROGRESS_GPA) {
+            // The guest's own work counter (pages written by `dirty`, steps by `ledger`), so
+            // that its throughput under protection can be compared with a run without it.
+            metrics::gauge!("understudy_guest_progress").set(progress as f64);
+        }
         previous = t0;
         tracing::debug!(
             epoch,

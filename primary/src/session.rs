@@ -14,7 +14,9 @@ use understudy_protocol::{
     Page, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use understudy_transport::messages;
-use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
+use understudy_transport::{
+    Connection, Endpoint, FrameReader, FrameSender, Identity, TransportOptions,
+};
 use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, VmError};
 
 use crate::capture::{capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap};
@@ -50,7 +52,7 @@ pub enum PrimaryError {
     Dump(#[source] std::io::Error),
     #[error("the guest stopped: {0:?}")]
     GuestStopped(understudy_vmm::ExitReason),
-    #[error("stopped")]
+    #[error("protection was stopped")]
     Stopped,
 }
 
@@ -123,6 +125,19 @@ fn encoder_thread(
     Ok(())
 }
 
+/// Stops the capture thread when dropped.
+struct Halt {
+    stop: Arc<AtomicBool>,
+    slots: Arc<Semaphore>,
+}
+
+impl Drop for Halt {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.slots.close();
+    }
+}
+
 #[derive(Default)]
 struct Totals {
     raw: AtomicU64,
@@ -176,6 +191,62 @@ fn dump(dir: &Path, vm: &Vm, state: &[u8]) -> std::io::Result<()> {
     }
     f.flush()?;
     std::fs::write(dir.join("state.bin"), state)
+}
+
+/// Reads the backup's control stream: on `Ack(E)` releases E's console bytes, frees E's
+/// in-flight slot and records commit latency and lag. Returns when the link fails.
+async fn ack_loop(
+    rx: &mut FrameReader,
+    in_flight: &Mutex<InFlight>,
+    last_acked: &AtomicU64,
+    gate: &OutputGate,
+    journal: &mut Journal,
+    sync: u64,
+) -> Result<(), PrimaryError> {
+    let limits = Limits::default();
+    loop {
+        let frame: understudy_transport::Bytes = match rx.read_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(PrimaryError::Link("control stream closed".into())),
+            Err(e) => return Err(PrimaryError::Link(e.to_string())),
+        };
+        match messages::decode(&frame, &limits) {
+            Ok(Message::Ack(a)) => {
+                let released: Vec<_> = {
+                    let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    let rest = f.epochs.split_off(&(a.epoch + 1));
+                    std::mem::replace(&mut f.epochs, rest).into_iter().collect()
+                };
+                for (_epoch, (captured_at, _slot)) in released {
+                    let latency = captured_at.elapsed().as_secs_f64();
+                    metrics::histogram!("understudy_commit_latency_seconds").record(latency);
+                    metrics::gauge!("understudy_replication_lag_seconds").set(latency);
+                }
+                if a.epoch > sync {
+                    let at = Journal::now();
+                    let n = gate.release(a.epoch).unwrap_or(0);
+                    journal.record(a.epoch, n, at);
+                }
+                last_acked.store(a.epoch, Ordering::SeqCst);
+                metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
+                metrics::counter!("understudy_epochs_total", "outcome" => "acked").increment(1);
+            }
+            Ok(Message::Heartbeat(_)) => {}
+            Ok(Message::Goodbye(g)) => {
+                return Err(PrimaryError::Link(format!(
+                    "backup said goodbye: {}",
+                    g.text
+                )))
+            }
+            Ok(other) => {
+                return Err(PrimaryError::Protocol(format!(
+                    "unexpected {:?} on the control stream",
+                    other.kind()
+                )))
+            }
+            Err(e) => return Err(PrimaryError::Protocol(e.to_string())),
+        }
+    }
 }
 
 /// Protects a guest until it stops, the session is stopped, or `stop_after_epochs` is reached.
@@ -252,6 +323,11 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     );
 
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    // Whatever ends this function (an error included) also ends the capture thread.
+    let _halt = Halt {
+        stop: Arc::clone(&stop),
+        slots: Arc::clone(&slots),
+    };
     let (cap_tx, cap_rx) = mpsc::channel::<Captured>(cfg.max_in_flight.max(1));
     let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(cfg.max_in_flight.max(1));
     let totals = Arc::new(Totals::default());
@@ -293,54 +369,12 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         let in_flight = Arc::clone(&in_flight);
         let last_acked = Arc::clone(&last_acked);
         let gate = Arc::clone(&gate);
+        let slots = Arc::clone(&slots);
         tokio::spawn(async move {
-            loop {
-                let frame: understudy_transport::Bytes = match rx.read_frame().await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Err(PrimaryError::Link("control stream closed".into())),
-                    Err(e) => return Err(PrimaryError::Link(e.to_string())),
-                };
-                match messages::decode(&frame, &limits) {
-                    Ok(Message::Ack(a)) => {
-                        let released: Vec<_> = {
-                            let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                            let rest = f.epochs.split_off(&(a.epoch + 1));
-                            std::mem::replace(&mut f.epochs, rest).into_iter().collect()
-                        };
-                        for (_epoch, (captured_at, _slot)) in released {
-                            let latency = captured_at.elapsed().as_secs_f64();
-                            metrics::histogram!("understudy_commit_latency_seconds")
-                                .record(latency);
-                            metrics::gauge!("understudy_replication_lag_seconds").set(latency);
-                        }
-                        if a.epoch > sync {
-                            let at = Journal::now();
-                            let n = gate.release(a.epoch).unwrap_or(0);
-                            journal.record(a.epoch, n, at);
-                        }
-                        last_acked.store(a.epoch, Ordering::SeqCst);
-                        metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
-                        metrics::counter!("understudy_epochs_total", "outcome" => "acked")
-                            .increment(1);
-                    }
-                    Ok(Message::Heartbeat(_)) => {}
-                    Ok(Message::Goodbye(g)) => {
-                        return Err(PrimaryError::Link(format!(
-                            "backup said goodbye: {}",
-                            g.text
-                        )))
-                    }
-                    Ok(other) => {
-                        return Err(PrimaryError::Protocol(format!(
-                            "unexpected {:?} on the control stream",
-                            other.kind()
-                        )))
-                    }
-                    Err(e) => return Err(PrimaryError::Protocol(e.to_string())),
-                }
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), PrimaryError>(())
+            let r = ack_loop(&mut rx, &in_flight, &last_acked, &gate, &mut journal, sync).await;
+            // Without acks nothing can be committed: end the capture thread too.
+            slots.close();
+            r
         })
     };
 
@@ -370,6 +404,10 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         Err(e) => {
             if let Some(r) = vm.exit_reason() {
                 return Err(PrimaryError::GuestStopped(r));
+            }
+            // The ack reader closes the slots when the link fails; report that cause.
+            if let Ok(Ok(Err(link))) = tokio::time::timeout(Duration::from_secs(1), acks).await {
+                return Err(link);
             }
             return Err(e);
         }
