@@ -3,6 +3,7 @@
 mod bench;
 mod certs;
 mod config;
+mod drill;
 mod metrics;
 mod protect;
 mod run;
@@ -28,6 +29,9 @@ enum Command {
     Primary(Box<protect::PrimaryArgs>),
     /// Keep a hot, verified image of a primary's guest.
     Backup(protect::BackupArgs),
+    /// A local failover drill: witness, backup and primary processes; kill the primary; check
+    /// the ledger and the console; report detection, promotion and RTO.
+    Drill(drill::DrillArgs),
     /// The third vote: grants each VM's lease to one node at a time (fencing).
     Witness(witness::WitnessArgs),
     /// Benchmarks (figures with their references, measured in the same run).
@@ -67,6 +71,7 @@ fn main() {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Witness(args) => witness::run(args),
+        Command::Drill(args) => drill::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

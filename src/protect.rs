@@ -54,6 +54,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+pub fn parse_phase(s: &str) -> Result<understudy_primary::KillPhase, String> {
+    use understudy_primary::KillPhase::*;
+    Ok(match s {
+        "capture" => Capture,
+        "send" => Send,
+        "commit" => Commit,
+        "ack" => Ack,
+        _ => return Err(format!("{s:?}: use capture, send, commit or ack")),
+    })
+}
+
 fn parse_epoch(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(1) || d > Duration::from_secs(10) {
@@ -114,6 +125,26 @@ pub struct PrimaryArgs {
     /// With --epochs: write guest memory (memory.img) and the last committed state (state.bin) here.
     #[arg(long)]
     dump_dir: Option<PathBuf>,
+    /// The witness (host:port) that grants the VM's lease; without it there is no fencing and
+    /// the backup never promotes.
+    #[arg(long)]
+    witness: Option<SocketAddr>,
+    /// Lease length asked of the witness (renewed well before it ends).
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// Silence from the peer after which it is declared failed.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    failure_timeout: Duration,
+    /// Test knob (drills): SIGKILL this process at a phase (capture, send, commit, ack) of the
+    /// consistent epoch given by --kill-epoch.
+    #[arg(long, hide = true, requires = "kill_epoch", value_parser = parse_phase)]
+    kill_at: Option<understudy_primary::KillPhase>,
+    /// Test knob: see --kill-at.
+    #[arg(long, hide = true)]
+    kill_epoch: Option<u64>,
+    /// Heartbeat interval on the control stream.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
     /// Test knob: append a JSON line per console release (epoch, bytes, unix_ns) to this file.
     #[arg(long, hide = true)]
     release_journal: Option<PathBuf>,
@@ -143,6 +174,14 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         stop_after_epochs: args.epochs,
         dump_dir: args.dump_dir,
         progress_bar: std::io::stderr().is_terminal(),
+        heartbeat_interval: args.heartbeat_interval,
+        failure_timeout: args.failure_timeout,
+        witness: args.witness,
+        lease_ttl: args.lease_ttl,
+        kill_at: args.kill_at.map(|phase| understudy_primary::KillAt {
+            phase,
+            epoch: args.kill_epoch.unwrap_or(0),
+        }),
     };
     let summary = runtime()?.block_on(understudy_primary::run(cfg, stop))?;
     info!(
@@ -178,6 +217,16 @@ pub struct BackupArgs {
     /// How long a Commit may wait for its chunks before the session is ended.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     chunk_timeout: Duration,
+    /// The witness (host:port) that grants the VM's lease; without it there is no fencing and
+    /// the backup never promotes.
+    #[arg(long)]
+    witness: Option<SocketAddr>,
+    /// Lease length asked of the witness (renewed well before it ends).
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// Silence from the peer after which it is declared failed.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    failure_timeout: Duration,
     /// Test knob: hold every Ack this long.
     #[arg(long, hide = true, default_value = "0ms", value_parser = parse_duration)]
     ack_delay: Duration,
@@ -202,6 +251,9 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         dump_dir: args.dump_dir,
         exit_after_session: args.once,
         chunk_timeout: args.chunk_timeout,
+        failure_timeout: args.failure_timeout,
+        witness: args.witness,
+        lease_ttl: args.lease_ttl,
     };
     runtime()?.block_on(understudy_backup::run(cfg, stop))?;
     Ok(0)

@@ -15,6 +15,7 @@
 //! an epoch out of order, a commit whose chunks never come, a digest mismatch) gets a clear log
 //! line and a closed connection, and nothing of the offending epoch is applied.
 
+mod failover;
 mod image;
 mod session;
 
@@ -44,4 +45,10 @@ pub struct BackupConfig {
     pub exit_after_session: bool,
     /// How long a `Commit` may wait for its chunks before the session is ended.
     pub chunk_timeout: Duration,
+    /// Silence from the primary after which it is declared failed.
+    pub failure_timeout: Duration,
+    /// The witness that grants the VM's lease; without one, the backup never promotes.
+    pub witness: Option<std::net::SocketAddr>,
+    /// Lease length asked of the witness.
+    pub lease_ttl: Duration,
 }

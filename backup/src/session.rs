@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use understudy_protocol::{
-    answer_hello, Ack, ChunkDecoder, Commit, DecodedChunk, EpochAssembler, Limits, LocalEnd,
-    Message, Replica,
+    answer_hello, Ack, ChunkDecoder, Commit, DecodedChunk, EpochAssembler, Heartbeat, Limits,
+    LocalEnd, Message, Replica,
 };
 use understudy_transport::messages;
 use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
@@ -31,6 +31,8 @@ pub enum BackupError {
     Bind(#[source] understudy_transport::BindError),
     #[error("writing the dump")]
     Dump(#[source] std::io::Error),
+    #[error("promotion failed: {0}")]
+    Promote(String),
 }
 
 /// Why one session ended early; logged, and the connection closed with it.
@@ -44,6 +46,16 @@ enum SessionError {
     Apply { epoch: u64, reason: String },
     #[error("refused the primary: {0}")]
     Refused(String),
+    #[error("the primary has been silent for {silence:?}")]
+    PrimaryLost { silence: Duration },
+}
+
+/// How a session ended without a protocol or link error.
+enum Ended {
+    /// The primary said goodbye.
+    Goodbye(Held),
+    /// The primary went silent: fail over if we may.
+    PrimaryFailed { silence: Duration, held: Held },
 }
 
 /// Serves primaries until `stop` is set (or after one session, if so configured).
@@ -67,13 +79,23 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
         };
         info!(peer = conn.peer_name(), addr = %conn.remote_address(), "primary connected");
         match serve(&cfg, &conn).await {
-            Ok(held) => {
+            Ok(Ended::Goodbye(held)) => {
                 info!(peer = conn.peer_name(), "session ended");
-                if let (Some(dir), Some(held)) = (&cfg.dump_dir, held) {
+                if let Some(dir) = &cfg.dump_dir {
                     let held = held.lock().unwrap_or_else(|e| e.into_inner());
                     dump(dir, &held).map_err(BackupError::Dump)?;
                     info!(dir = %dir.display(), epoch = held.replica.epoch(), "dumped image");
                 }
+            }
+            Ok(Ended::PrimaryFailed { silence, held }) => {
+                let silence_ms = silence.as_secs_f64() * 1e3;
+                warn!(
+                    peer = conn.peer_name(),
+                    silence_ms = format!("{silence_ms:.1}"),
+                    "primary declared failed"
+                );
+                conn.close(2, "primary declared failed");
+                return crate::failover::take_over(&cfg, &endpoint, held, stop).await;
             }
             Err(e) => {
                 error!(peer = conn.peer_name(), error = %e, "session ended");
@@ -119,31 +141,41 @@ fn now_unix_ns() -> u128 {
         .unwrap_or(0)
 }
 
-/// Sends acks in order, each no earlier than its `ready_at` (the ack-delay knob).
-async fn ack_sender(
+/// Writes control messages in the order queued.
+async fn writer(
     mut tx: FrameSender,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) -> Result<(), SessionError> {
+    while let Some(msg) = rx.recv().await {
+        messages::send(&mut tx, &msg)
+            .await
+            .map_err(|e| SessionError::Link(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Queues acks in order, each no earlier than its `ready_at` (the ack-delay knob), journaling
+/// when each one is handed to the writer.
+async fn ack_delayer(
+    out: mpsc::UnboundedSender<Message>,
     mut rx: mpsc::UnboundedReceiver<(u64, Instant)>,
     journal: Option<std::path::PathBuf>,
-) -> Result<FrameSender, SessionError> {
-    let mut journal = match journal {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| SessionError::Link(e.to_string()))?),
-        None => None,
-    };
+) {
+    let mut journal = journal.and_then(|p| std::fs::File::create(p).ok());
     while let Some((epoch, ready_at)) = rx.recv().await {
         tokio::time::sleep_until(ready_at.into()).await;
         if let Some(j) = &mut journal {
             let _ = writeln!(j, r#"{{"epoch":{epoch},"unix_ns":{}}}"#, now_unix_ns());
         }
-        messages::send(&mut tx, &Message::Ack(Ack { epoch }))
-            .await
-            .map_err(|e| SessionError::Link(e.to_string()))?;
+        if out.send(Message::Ack(Ack { epoch })).is_err() {
+            return;
+        }
     }
-    Ok(tx)
 }
 
-type Held = Arc<Mutex<Replicated>>;
+pub(crate) type Held = Arc<Mutex<Replicated>>;
 
-async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Option<Held>, SessionError> {
+async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionError> {
     let limits = Limits::default();
     let control = conn
         .accept_control(limits.max_frame_len)
@@ -186,8 +218,10 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Option<Held>, Se
     }));
     info!(version, vm = %hello.vm_id, pages, mode = ?hello.mode, "session accepted");
 
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(writer(tx, out_rx));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let acks = tokio::spawn(ack_sender(tx, ack_rx, cfg.ack_journal.clone()));
+    let acks = tokio::spawn(ack_delayer(out_tx.clone(), ack_rx, cfg.ack_journal.clone()));
 
     // Chunks: each uni stream carries one chunk frame; decode and verify off the runtime.
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<DecodedChunk, String>>(64);
@@ -255,12 +289,27 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Option<Held>, Se
             }
         })
     };
-    let result = session_loop(cfg, &limits, &held, &mut ctl_rx, &mut chunk_rx, &ack_tx).await;
+    let result = session_loop(
+        cfg,
+        &limits,
+        &held,
+        &mut ctl_rx,
+        &mut chunk_rx,
+        &ack_tx,
+        &out_tx,
+    )
+    .await;
     control_reader.abort();
     receiver.abort();
     drop(ack_tx);
+    drop(out_tx);
     let _ = acks.await;
-    result.map(|()| Some(held))
+    let _ = writer.await;
+    match result {
+        Ok(()) => Ok(Ended::Goodbye(held)),
+        Err(SessionError::PrimaryLost { silence }) => Ok(Ended::PrimaryFailed { silence, held }),
+        Err(e) => Err(e),
+    }
 }
 
 async fn session_loop(
@@ -270,14 +319,17 @@ async fn session_loop(
     control: &mut mpsc::Receiver<Result<Message, SessionError>>,
     chunks: &mut mpsc::Receiver<Result<DecodedChunk, String>>,
     acks: &mpsc::UnboundedSender<(u64, Instant)>,
+    out: &mpsc::UnboundedSender<Message>,
 ) -> Result<(), SessionError> {
     let mut committed = 0u64;
+    let mut last_heard = Instant::now();
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
     let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
     loop {
         tokio::select! {
             msg = control.recv() => {
                 let msg = msg.ok_or_else(|| SessionError::Link("control reader ended".into()))?;
+                last_heard = Instant::now();
                 match msg {
                     Ok(Message::Commit(c)) => {
                         let expected = committed + 1 + commits.len() as u64;
@@ -288,7 +340,10 @@ async fn session_loop(
                         }
                         commits.push_back((c, Instant::now()));
                     }
-                    Ok(Message::Heartbeat(_)) => {}
+                    Ok(Message::Heartbeat(h)) => {
+                        let now = now_unix_ns() as u64;
+                        let _ = out.send(Message::Heartbeat(Heartbeat::reply(&h, now, now)));
+                    }
                     Ok(Message::Goodbye(g)) => {
                         info!(reason = ?g.reason, text = %g.text, committed, "primary said goodbye");
                         return Ok(());
@@ -317,7 +372,11 @@ async fn session_loop(
                     .add(chunk)
                     .map_err(|err| SessionError::Protocol(err.to_string()))?;
             }
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+        let silence = last_heard.elapsed();
+        if silence > cfg.failure_timeout {
+            return Err(SessionError::PrimaryLost { silence });
         }
         // Apply every commit whose chunks are all in, in order.
         while let Some((c, since)) = commits.front() {

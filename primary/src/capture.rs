@@ -104,6 +104,7 @@ pub(crate) struct CaptureCtl {
     pub stop_after: u64,
     pub runtime: tokio::runtime::Handle,
     pub progress_bar: bool,
+    pub kill_at: Option<crate::KillAt>,
 }
 
 /// How the capture thread ended.
@@ -217,6 +218,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         vm.pause()?;
         let state = vm.state()?.encode();
         let dirty = vm.take_dirty()?;
+        crate::KillAt::check(ctl.kill_at, crate::KillPhase::Capture, epoch + 1);
         let count = dirty.count();
         let mut indices = Vec::with_capacity(count);
         let mut pages = vec![0u8; count * PAGE_SIZE];

@@ -72,4 +72,45 @@ pub struct PrimaryConfig {
     pub dump_dir: Option<PathBuf>,
     /// Show a progress bar for the full sync (a terminal); otherwise log lines.
     pub progress_bar: bool,
+    /// How often to send a heartbeat to the backup.
+    pub heartbeat_interval: Duration,
+    /// Silence from the backup after which it is considered lost.
+    pub failure_timeout: Duration,
+    /// The witness granting the VM's lease (fencing); without one, no lease is taken.
+    pub witness: Option<SocketAddr>,
+    /// Lease length asked of the witness.
+    pub lease_ttl: Duration,
+    /// Test knob (drills): SIGKILL this process at a phase of a consistent epoch.
+    pub kill_at: Option<KillAt>,
+}
+
+/// Where in an epoch a drill kills the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillPhase {
+    /// During the pause, after the dirty set was taken.
+    Capture,
+    /// After the epoch's chunks were sent, before its Commit.
+    Send,
+    /// Right after the Commit was sent.
+    Commit,
+    /// On the Ack, before the epoch's console bytes are released.
+    Ack,
+}
+
+/// Kill at `phase` of the first consistent epoch numbered at least `epoch`.
+#[derive(Clone, Copy, Debug)]
+pub struct KillAt {
+    pub phase: KillPhase,
+    pub epoch: u64,
+}
+
+impl KillAt {
+    pub(crate) fn check(kill: Option<KillAt>, phase: KillPhase, epoch: u64) {
+        if let Some(k) = kill {
+            if k.phase == phase && epoch >= k.epoch {
+                tracing::warn!(?phase, epoch, "drill: killing this primary now");
+                understudy_vmm::sigkill_self();
+            }
+        }
+    }
 }

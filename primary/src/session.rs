@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use understudy_protocol::{
-    DirtyPage, EncoderConfig, EncoderState, Goodbye, GoodbyeReason, Hello, Limits, Message, Mode,
-    Page, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+    DirtyPage, EncoderConfig, EncoderState, Goodbye, GoodbyeReason, Heartbeat, Hello, Limits,
+    Message, Mode, Page, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
+use understudy_transport::lease::{LeaseBackend, LeaseState, WitnessLease};
 use understudy_transport::messages;
 use understudy_transport::{
     Connection, Endpoint, FrameReader, FrameSender, Identity, TransportOptions,
@@ -21,7 +22,7 @@ use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, VmError};
 
 use crate::capture::{capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap};
 use crate::journal::Journal;
-use crate::PrimaryConfig;
+use crate::{KillAt, KillPhase, PrimaryConfig};
 
 /// Why protection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum PrimaryError {
         #[source]
         source: Box<understudy_transport::ConnectError>,
     },
+    #[error("the VM's lease: {0}")]
+    Lease(String),
     #[error("the backup refused us: {0}")]
     Rejected(String),
     #[error("the link to the backup failed: {0}")]
@@ -146,8 +149,10 @@ struct Totals {
 
 async fn send_epoch(
     conn: &Connection,
-    control: &mut FrameSender,
+    control: &tokio::sync::Mutex<FrameSender>,
     e: &Encoded,
+    kill_at: Option<KillAt>,
+    sync: u64,
 ) -> Result<u64, PrimaryError> {
     let mut sends = tokio::task::JoinSet::new();
     let mut bytes = e.commit.len() as u64;
@@ -165,10 +170,18 @@ async fn send_epoch(
         r.map_err(|e| PrimaryError::Link(e.to_string()))?
             .map_err(PrimaryError::Link)?;
     }
+    if e.epoch > sync {
+        KillAt::check(kill_at, KillPhase::Send, e.epoch);
+    }
     control
+        .lock()
+        .await
         .send(&e.commit)
         .await
         .map_err(|err| PrimaryError::Link(err.to_string()))?;
+    if e.epoch > sync {
+        KillAt::check(kill_at, KillPhase::Commit, e.epoch);
+    }
     metrics::counter!("understudy_bytes_wire_total").increment(bytes);
     Ok(bytes)
 }
@@ -195,14 +208,27 @@ fn dump(dir: &Path, vm: &Vm, state: &[u8]) -> std::io::Result<()> {
 
 /// Reads the backup's control stream: on `Ack(E)` releases E's console bytes, frees E's
 /// in-flight slot and records commit latency and lag. Returns when the link fails.
-async fn ack_loop(
-    rx: &mut FrameReader,
-    in_flight: &Mutex<InFlight>,
-    last_acked: &AtomicU64,
-    gate: &OutputGate,
-    journal: &mut Journal,
+struct AckCtx {
+    in_flight: Arc<Mutex<InFlight>>,
+    last_acked: Arc<AtomicU64>,
+    gate: Arc<OutputGate>,
+    journal: Journal,
     sync: u64,
-) -> Result<(), PrimaryError> {
+    backup_heard: Arc<Mutex<Instant>>,
+    kill_at: Option<KillAt>,
+}
+
+async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
+    let AckCtx {
+        in_flight,
+        last_acked,
+        gate,
+        journal,
+        sync,
+        backup_heard,
+        kill_at,
+    } = cx;
+    let (sync, kill_at) = (*sync, *kill_at);
     let limits = Limits::default();
     loop {
         let frame: understudy_transport::Bytes = match rx.read_frame().await {
@@ -212,6 +238,7 @@ async fn ack_loop(
         };
         match messages::decode(&frame, &limits) {
             Ok(Message::Ack(a)) => {
+                *backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                 let released: Vec<_> = {
                     let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                     let rest = f.epochs.split_off(&(a.epoch + 1));
@@ -223,6 +250,7 @@ async fn ack_loop(
                     metrics::gauge!("understudy_replication_lag_seconds").set(latency);
                 }
                 if a.epoch > sync {
+                    KillAt::check(kill_at, KillPhase::Ack, a.epoch);
                     let at = Journal::now();
                     let n = gate.release(a.epoch).unwrap_or(0);
                     journal.record(a.epoch, n, at);
@@ -231,7 +259,11 @@ async fn ack_loop(
                 metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
                 metrics::counter!("understudy_epochs_total", "outcome" => "acked").increment(1);
             }
-            Ok(Message::Heartbeat(_)) => {}
+            Ok(Message::Heartbeat(h)) => {
+                *backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                metrics::gauge!("understudy_heartbeat_age_seconds").set(0.0);
+                let _ = h;
+            }
             Ok(Message::Goodbye(g)) => {
                 return Err(PrimaryError::Link(format!(
                     "backup said goodbye: {}",
@@ -245,6 +277,46 @@ async fn ack_loop(
                 )))
             }
             Err(e) => return Err(PrimaryError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// Renews the VM's lease; when it runs out while the backup is silent too (cut off from both
+/// other votes), stops the guest before the witness can hand the lease on.
+async fn keep_lease(
+    mut lease: WitnessLease,
+    mut state: LeaseState,
+    ttl: Duration,
+    failure_timeout: Duration,
+    backup_heard: Arc<Mutex<Instant>>,
+    stop: Arc<AtomicBool>,
+) {
+    let endpoint_lost = |l: &WitnessLease| l.connection().close_reason().is_some();
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if state.valid_until.saturating_duration_since(Instant::now()) < ttl * 2 / 3
+            && !endpoint_lost(&lease)
+        {
+            match lease.request(ttl).await {
+                Ok(s) if s.granted => state = s,
+                Ok(s) => warn!(holder = %s.holder, "the witness refused to renew our lease"),
+                Err(e) => warn!(error = %e, "lease renewal failed"),
+            }
+        }
+        let expired = Instant::now() >= state.valid_until;
+        let backup_silent = backup_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            > failure_timeout / 2;
+        if expired && backup_silent {
+            error!("fenced: cut off from the witness and the backup; stopping the guest");
+            metrics::counter!("understudy_fenced_total").increment(1);
+            stop.store(true, Ordering::SeqCst);
+            return;
         }
     }
 }
@@ -301,6 +373,59 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         other => return Err(PrimaryError::Protocol(format!("{:?}", other.kind()))),
     };
     info!(version, vm = %cfg.vm_id, "backup accepted the session");
+    let tx = Arc::new(tokio::sync::Mutex::new(tx));
+    let backup_heard = Arc::new(Mutex::new(Instant::now()));
+
+    // Fencing: hold the VM's lease while the guest runs.
+    let lease_task = match cfg.witness {
+        None => tokio::spawn(async {}),
+        Some(addr) => {
+            let mut lease = WitnessLease::connect(&endpoint, addr, "witness", &cfg.vm_id)
+                .await
+                .map_err(|e| PrimaryError::Lease(e.to_string()))?;
+            lease.margin = Duration::from_millis(100);
+            let first = lease
+                .request(cfg.lease_ttl)
+                .await
+                .map_err(|e| PrimaryError::Lease(e.to_string()))?;
+            if !first.granted {
+                return Err(PrimaryError::Lease(format!(
+                    "{} holds the VM's lease; is the VM already running there?",
+                    first.holder
+                )));
+            }
+            info!(witness = %addr, "holding the VM's lease");
+            tokio::spawn(keep_lease(
+                lease,
+                first,
+                cfg.lease_ttl,
+                cfg.failure_timeout,
+                Arc::clone(&backup_heard),
+                Arc::clone(&stop),
+            ))
+        }
+    };
+    let heartbeats = {
+        let tx = Arc::clone(&tx);
+        let every = cfg.heartbeat_interval;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                let hb = Heartbeat {
+                    sent_ns: started.elapsed().as_nanos() as u64,
+                    echo_ns: 0,
+                    hold_ns: 0,
+                };
+                if messages::send(&mut *tx.lock().await, &Message::Heartbeat(hb))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
 
     let sync = sync_epochs(map.total(), cfg.sync_batch_pages);
     let gate = OutputGate::gated(cfg.console, sync + 1);
@@ -355,6 +480,7 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         stop_after: cfg.stop_after_epochs,
         runtime: tokio::runtime::Handle::current(),
         progress_bar: cfg.progress_bar,
+        kill_at: cfg.kill_at,
     };
     let capture = tokio::task::spawn_blocking(move || {
         let end = capture_loop(&mut vm, &ctl);
@@ -364,14 +490,25 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     // Acks: release output, free slots, measure latency and lag.
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     let last_acked = Arc::new(AtomicU64::new(0));
-    let mut journal = Journal::open(cfg.release_journal.as_deref()).map_err(PrimaryError::Dump)?;
+    let journal = Journal::open(cfg.release_journal.as_deref()).map_err(PrimaryError::Dump)?;
     let acks = {
         let in_flight = Arc::clone(&in_flight);
         let last_acked = Arc::clone(&last_acked);
         let gate = Arc::clone(&gate);
         let slots = Arc::clone(&slots);
+        let backup_heard = Arc::clone(&backup_heard);
+        let kill_at = cfg.kill_at;
         tokio::spawn(async move {
-            let r = ack_loop(&mut rx, &in_flight, &last_acked, &gate, &mut journal, sync).await;
+            let mut cx = AckCtx {
+                in_flight,
+                last_acked,
+                gate,
+                journal,
+                sync,
+                backup_heard,
+                kill_at,
+            };
+            let r = ack_loop(&mut rx, &mut cx).await;
             // Without acks nothing can be committed: end the capture thread too.
             slots.close();
             r
@@ -383,7 +520,7 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     let mut wire = 0u64;
     let mut last_sync_log = sync;
     while let Some(e) = enc_rx.recv().await {
-        let bytes = send_epoch(&conn, &mut tx, &e).await?;
+        let bytes = send_epoch(&conn, &tx, &e, cfg.kill_at, sync).await?;
         wire += bytes;
         sent_epochs = e.epoch;
         in_flight
@@ -430,6 +567,9 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         dump(dir, &vm, &end.last_state).map_err(PrimaryError::Dump)?;
         info!(dir = %dir.display(), epoch = end.last_epoch, "dumped guest memory and state");
     }
+    heartbeats.abort();
+    lease_task.abort();
+    let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,
         &Message::Goodbye(Goodbye {

@@ -1,0 +1,146 @@
+//! Taking over: win the VM's lease from the witness, promote the hot image to a running VM (its
+//! memfds become the new VM's memory, no copy), and keep the lease while the VM runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+use understudy_transport::lease::{LeaseBackend, LeaseState, WitnessLease};
+use understudy_transport::Endpoint;
+use understudy_vmm::state::DEFAULT_STATE_LIMIT;
+use understudy_vmm::{GuestMemory, OutputGate, Vm, VmState};
+
+use crate::session::{BackupError, Held};
+use crate::BackupConfig;
+
+/// How long the backup keeps trying to win the lease before giving up.
+const LEASE_PATIENCE: Duration = Duration::from_secs(30);
+
+async fn connect(cfg: &BackupConfig, endpoint: &Endpoint) -> Option<WitnessLease> {
+    let addr = cfg.witness?;
+    match WitnessLease::connect(endpoint, addr, "witness", &cfg.vm_id).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, "cannot reach the witness");
+            None
+        }
+    }
+}
+
+/// Wins the lease (waiting out the old holder's), or gives up after `LEASE_PATIENCE`.
+async fn win_lease(
+    cfg: &BackupConfig,
+    endpoint: &Endpoint,
+    stop: &AtomicBool,
+) -> Option<(WitnessLease, LeaseState)> {
+    let started = Instant::now();
+    let mut lease = None;
+    while started.elapsed() < LEASE_PATIENCE && !stop.load(Ordering::SeqCst) {
+        if lease.is_none() {
+            lease = connect(cfg, endpoint).await;
+        }
+        if let Some(l) = &mut lease {
+            match l.request(cfg.lease_ttl).await {
+                Ok(s) if s.granted => return lease.map(|l| (l, s)),
+                Ok(s) => {
+                    info!(holder = %s.holder, remaining_ms = s.remaining.as_millis() as u64,
+                        "the lease is still held; waiting for it to expire");
+                    tokio::time::sleep(s.remaining.min(Duration::from_millis(50))).await;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "lease request failed");
+                    lease = None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+fn promote(held: &Held) -> Result<(Vm, u64), String> {
+    let h = held.lock().unwrap_or_else(|e| e.into_inner());
+    if !h.promotable() {
+        return Err(format!(
+            "the image at epoch {} is not a consistent checkpoint (the full sync had not finished)",
+            h.replica.epoch()
+        ));
+    }
+    let (epoch, blob) = h.state.clone().expect("promotable implies a state");
+    let state = VmState::decode(&blob, DEFAULT_STATE_LIMIT).map_err(|e| e.to_string())?;
+    let fds = h.image.memory().clone_fds().map_err(|e| e.to_string())?;
+    let memory = GuestMemory::from_fds(&state.regions, fds, false).map_err(|e| e.to_string())?;
+    let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
+    let vm = Vm::restore(memory, &state, gate, false, false).map_err(|e| e.to_string())?;
+    Ok((vm, epoch))
+}
+
+/// Fails over: lease, promotion, then runs the VM (keeping the lease) until stopped.
+pub(crate) async fn take_over(
+    cfg: &BackupConfig,
+    endpoint: &Endpoint,
+    held: Held,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BackupError> {
+    let decided = Instant::now();
+    if cfg.witness.is_none() {
+        warn!("no --witness configured: this backup never promotes; the image is kept");
+        return Ok(());
+    }
+    let Some((mut lease, mut state)) = win_lease(cfg, endpoint, &stop).await else {
+        error!("could not win the VM's lease; not promoting (another node may run the VM)");
+        metrics::counter!("understudy_promotions_total", "reason" => "lease_refused").increment(1);
+        return Ok(());
+    };
+    let lease_wait = decided.elapsed();
+    let t = Instant::now();
+    let held2 = Arc::clone(&held);
+    let (vm, epoch) = match tokio::task::spawn_blocking(move || promote(&held2)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            error!(error = %e, "promotion failed");
+            return Err(BackupError::Promote(e));
+        }
+        Err(e) => return Err(BackupError::Promote(e.to_string())),
+    };
+    let promotion = t.elapsed();
+    metrics::counter!("understudy_promotions_total", "reason" => "primary_failed").increment(1);
+    metrics::histogram!("understudy_promotion_seconds").record(promotion.as_secs_f64());
+    info!(
+        epoch,
+        lease_wait_ms = format!("{:.1}", lease_wait.as_secs_f64() * 1e3),
+        promotion_us = promotion.as_micros() as u64,
+        "promoted: the VM runs here from the last committed epoch"
+    );
+
+    // Keep the lease while the VM runs; stop the guest before our view of it ends.
+    let mut vm = vm;
+    let renew_every = cfg.lease_ttl / 3;
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(renew_every).await;
+        if let Some(r) = vm.exit_reason() {
+            info!(reason = ?r, "the promoted guest stopped");
+            break;
+        }
+        match lease.request(cfg.lease_ttl).await {
+            Ok(s) if s.granted => state = s,
+            Ok(s) => warn!(holder = %s.holder, "the witness gave the lease to another node"),
+            Err(e) => {
+                warn!(error = %e, "lease renewal failed");
+                if let Some(l) = connect(cfg, endpoint).await {
+                    lease = l;
+                }
+            }
+        }
+        if Instant::now() >= state.valid_until {
+            let _ = tokio::task::block_in_place(|| vm.pause());
+            error!("fenced: the lease could not be renewed; the guest is paused");
+            metrics::counter!("understudy_fenced_total").increment(1);
+            break;
+        }
+    }
+    drop(vm);
+    Ok(())
+}
