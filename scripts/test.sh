@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_deps
 
 echo "== cargo test (workspace, real KVM and QUIC)"
-cargo test --workspace --all-targets --locked -- --test-threads=2
+cargo test --workspace --all-targets --locked --no-fail-fast -- --test-threads=2
 
 echo "== fuzz targets: corpus replay + ${FUZZ_SECONDS:-30}s each"
 bash fuzz/ci.sh

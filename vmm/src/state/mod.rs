@@ -79,6 +79,8 @@ pub enum StateDecodeError {
     Magic,
     #[error("state format version {found} is not supported (this build reads {min}..={max})")]
     Version { found: u16, min: u16, max: u16 },
+    #[error("state blob has flags {flags:#x} / reserved {reserved:#x} this build does not know")]
+    Flags { flags: u16, reserved: u32 },
     #[error("state blob declares {declared} bytes, above the limit of {limit}")]
     TooLarge { declared: usize, limit: usize },
     #[error("state blob declares {declared} payload bytes but carries {actual}")]
@@ -135,6 +137,11 @@ impl VmState {
                 min: STATE_VERSION_MIN,
                 max: STATE_VERSION,
             });
+        }
+        let flags = u16::from_le_bytes([blob[10], blob[11]]);
+        let reserved = u32::from_le_bytes(blob[20..24].try_into().expect("4 bytes"));
+        if flags != 0 || reserved != 0 {
+            return Err(StateDecodeError::Flags { flags, reserved });
         }
         let declared = u32::from_le_bytes(blob[12..16].try_into().expect("4 bytes")) as usize;
         if declared.saturating_add(HEADER) > limit {
