@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
+use understudy_vmm::guests::ledger_ticks;
 
 #[derive(Args)]
 pub struct DrillArgs {
@@ -151,18 +152,6 @@ fn unix_ns_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("tick ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 fn free_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
@@ -296,7 +285,7 @@ fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result<DrillRepor
     report.promoted_epoch = field(&blog, "promoted:", "epoch");
     let before = read(dir, "primary.out");
     let after = read(dir, "backup.out");
-    let (tp, tb) = (ticks(&before), ticks(&after));
+    let (tp, tb) = (ledger_ticks(&before), ledger_ticks(&after));
     report.last_tick_primary = tp.last().copied();
     report.first_tick_backup = tb.first().copied();
     let plog = read(dir, "primary.err");
@@ -308,7 +297,7 @@ fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result<DrillRepor
         .zip(report.promoted_epoch)
         .map(|(c, p)| c.saturating_sub(p));
     let joined = format!("{before}{after}");
-    let all = ticks(&joined);
+    let all = ledger_ticks(&joined);
     report.failure = if joined.contains("CORRUPT") {
         Some("the ledger reported CORRUPT".into())
     } else if tb.len() < 3 {

@@ -16,6 +16,21 @@ use understudy_transport::TlsFiles;
 
 use crate::workload::GuestArgs;
 
+/// Failure detection and fencing, shared by primary and backup.
+#[derive(Args, Clone, Debug)]
+pub struct FailoverArgs {
+    /// The witness (host:port) that grants the VM's lease; without it there is no fencing and
+    /// the backup never promotes.
+    #[arg(long)]
+    pub witness: Option<SocketAddr>,
+    /// Lease length asked of the witness (renewed well before it ends).
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Silence from the peer after which it is declared failed.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub failure_timeout: Duration,
+}
+
 /// TLS material shared by every role.
 #[derive(Args, Clone, Debug)]
 pub struct TlsArgs {
@@ -125,16 +140,8 @@ pub struct PrimaryArgs {
     /// With --epochs: write guest memory (memory.img) and the last committed state (state.bin) here.
     #[arg(long)]
     dump_dir: Option<PathBuf>,
-    /// The witness (host:port) that grants the VM's lease; without it there is no fencing and
-    /// the backup never promotes.
-    #[arg(long)]
-    witness: Option<SocketAddr>,
-    /// Lease length asked of the witness (renewed well before it ends).
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    lease_ttl: Duration,
-    /// Silence from the peer after which it is declared failed.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    failure_timeout: Duration,
+    #[command(flatten)]
+    failover: FailoverArgs,
     /// Test knob (drills): SIGKILL this process at a phase (capture, send, commit, ack) of the
     /// consistent epoch given by --kill-epoch.
     #[arg(long, hide = true, requires = "kill_epoch", value_parser = parse_phase)]
@@ -175,9 +182,9 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         dump_dir: args.dump_dir,
         progress_bar: std::io::stderr().is_terminal(),
         heartbeat_interval: args.heartbeat_interval,
-        failure_timeout: args.failure_timeout,
-        witness: args.witness,
-        lease_ttl: args.lease_ttl,
+        failure_timeout: args.failover.failure_timeout,
+        witness: args.failover.witness,
+        lease_ttl: args.failover.lease_ttl,
         kill_at: args.kill_at.map(|phase| understudy_primary::KillAt {
             phase,
             epoch: args.kill_epoch.unwrap_or(0),
@@ -217,16 +224,8 @@ pub struct BackupArgs {
     /// How long a Commit may wait for its chunks before the session is ended.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     chunk_timeout: Duration,
-    /// The witness (host:port) that grants the VM's lease; without it there is no fencing and
-    /// the backup never promotes.
-    #[arg(long)]
-    witness: Option<SocketAddr>,
-    /// Lease length asked of the witness (renewed well before it ends).
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    lease_ttl: Duration,
-    /// Silence from the peer after which it is declared failed.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    failure_timeout: Duration,
+    #[command(flatten)]
+    failover: FailoverArgs,
     /// Test knob: hold every Ack this long.
     #[arg(long, hide = true, default_value = "0ms", value_parser = parse_duration)]
     ack_delay: Duration,
@@ -251,9 +250,9 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         dump_dir: args.dump_dir,
         exit_after_session: args.once,
         chunk_timeout: args.chunk_timeout,
-        failure_timeout: args.failure_timeout,
-        witness: args.witness,
-        lease_ttl: args.lease_ttl,
+        failure_timeout: args.failover.failure_timeout,
+        witness: args.failover.witness,
+        lease_ttl: args.failover.lease_ttl,
     };
     runtime()?.block_on(understudy_backup::run(cfg, stop))?;
     Ok(0)

@@ -12,7 +12,15 @@ use common::*;
 fn drill(kill_at: &str, repeat: &str) {
     require_kvm();
     let out = run(&s(&[
-        "drill", "--repeat", repeat, "--kill-at", kill_at, "--memory", "128M", "--warmup", "1",
+        "drill",
+        "--repeat",
+        repeat,
+        "--kill-at",
+        kill_at,
+        "--memory",
+        "128M",
+        "--warmup",
+        "1",
         "--json",
     ]));
     let report = String::from_utf8_lossy(&out.stdout);

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
+use understudy_vmm::guests::ledger_ticks;
 
 fn backup_args(dir: &std::path::Path, port: u16, extra: &[&str]) -> Vec<String> {
     let mut a = s(&["backup", "--certs"]);
@@ -73,7 +74,7 @@ fn backup_image_is_byte_identical_after_many_epochs() {
     let sb = std::fs::read(d.join("bdump/state.bin")).unwrap();
     assert!(!sa.is_empty());
     assert_eq!(sa, sb, "state blobs differ");
-    let t = ticks(&primary.out());
+    let t = ledger_ticks(&primary.out());
     assert!(!primary.out().contains("CORRUPT"));
     assert!(
         t.len() >= 5 && t.windows(2).all(|w| w[1] == w[0] + 1),
@@ -162,7 +163,7 @@ fn console_bytes_wait_for_their_epochs_ack() {
         with_bytes >= 5,
         "too few epochs carried output: {released:?}"
     );
-    let t = ticks(&primary.out());
+    let t = ledger_ticks(&primary.out());
     assert!(
         t.len() >= 5 && t.windows(2).all(|w| w[1] == w[0] + 1),
         "{t:?}"

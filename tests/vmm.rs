@@ -6,20 +6,9 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
+use understudy_vmm::guests::ledger_ticks;
 use understudy_vmm::guests::Workload;
 use understudy_vmm::{Boot, MemorySink, OutputGate, Vm, VmConfig};
-
-fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("tick ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
 
 /// (c) Pause a ledger VM here, hand its memfds (as /proc/PID/fd paths) and its state blob to a
 /// separate `understudy run --restore-state` process: the restored guest's first tick is the
@@ -47,7 +36,7 @@ fn restore_in_another_process_continues_the_ledger() {
     std::thread::sleep(Duration::from_millis(700));
     vm.pause().unwrap();
     let before = sink.text();
-    let last = *ticks(&before)
+    let last = *ledger_ticks(&before)
         .last()
         .expect("the ledger ticked before the pause");
 
@@ -73,8 +62,8 @@ fn restore_in_another_process_continues_the_ledger() {
     assert!(out.status.success(), "restore failed: {stderr}");
     assert!(!after.contains("CORRUPT"), "{after}");
     // A line cut by the pause is finished by the restored VM, so judge the joined console.
-    let joined = ticks(&format!("{before}{after}"));
-    let restored = ticks(&after);
+    let joined = ledger_ticks(&format!("{before}{after}"));
+    let restored = ledger_ticks(&after);
     assert!(
         restored.len() >= 3,
         "restored VM barely ticked: {after}\n{stderr}"

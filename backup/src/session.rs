@@ -113,19 +113,7 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
 fn dump(dir: &Path, held: &Replicated) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("memory.img"))?);
-    let mem = held.image.memory();
-    let mut buf = vec![0u8; 1 << 20];
-    for r in mem.specs() {
-        let mut off = 0;
-        while off < r.size {
-            let n = buf.len().min((r.size - off) as usize);
-            mem.read(r.gpa + off, &mut buf[..n])
-                .map_err(std::io::Error::other)?;
-            f.write_all(&buf[..n])?;
-            off += n as u64;
-        }
-    }
-    f.flush()?;
+    held.image.memory().write_image(&mut f)?;
     let state = held
         .state
         .as_ref()

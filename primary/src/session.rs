@@ -187,22 +187,9 @@ async fn send_epoch(
 }
 
 fn dump(dir: &Path, vm: &Vm, state: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     std::fs::create_dir_all(dir)?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("memory.img"))?);
-    let mut buf = vec![0u8; 1 << 20];
-    for r in vm.memory().specs() {
-        let mut off = 0;
-        while off < r.size {
-            let n = buf.len().min((r.size - off) as usize);
-            vm.memory()
-                .read(r.gpa + off, &mut buf[..n])
-                .map_err(std::io::Error::other)?;
-            f.write_all(&buf[..n])?;
-            off += n as u64;
-        }
-    }
-    f.flush()?;
+    vm.memory().write_image(&mut f)?;
     std::fs::write(dir.join("state.bin"), state)
 }
 

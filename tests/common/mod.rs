@@ -126,16 +126,3 @@ pub fn run(args: &[String]) -> Output {
         .output()
         .unwrap()
 }
-
-/// `tick N ok` numbers in console text.
-pub fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("tick ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}

@@ -374,6 +374,22 @@ impl GuestMemory {
         Ok(u64::from_le_bytes(v))
     }
 
+    /// Copies all of guest memory, region after region, to `out` (a dump for inspection).
+    pub fn write_image(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        for r in &self.regions {
+            let mut off = 0;
+            while off < r.spec.size {
+                let n = buf.len().min((r.spec.size - off) as usize);
+                self.read(r.spec.gpa + off, &mut buf[..n])
+                    .map_err(std::io::Error::other)?;
+                out.write_all(&buf[..n])?;
+                off += n as u64;
+            }
+        }
+        out.flush()
+    }
+
     /// Writes `data` at `gpa` and records the pages as dirtied by the VMM.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let r = self.find(gpa, data.len() as u64)?;

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use understudy_vmm::guests::layout::*;
+use understudy_vmm::guests::ledger_ticks;
 use understudy_vmm::guests::Workload;
 use understudy_vmm::memory::split_regions;
 use understudy_vmm::state::{StateDecodeError, DEFAULT_STATE_LIMIT};
@@ -40,12 +41,6 @@ fn boot(config: &VmConfig, w: &Workload) -> (Vm, MemorySink) {
     )
     .unwrap();
     (vm, sink)
-}
-
-fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
-        .collect()
 }
 
 /// (a) After a paused epoch the dirty set is exactly the pages the `dirty` guest wrote: the
@@ -187,7 +182,7 @@ fn thousand_pause_resume_cycles_keep_the_ledger_intact() {
     vm.pause().unwrap();
     let text = sink.text();
     assert!(!text.contains("CORRUPT"), "{text}");
-    let t = ticks(&text);
+    let t = ledger_ticks(&text);
     assert!(t.len() >= 5, "too few ticks: {text}");
     assert!(
         t.windows(2).all(|w| w[1] == w[0] + 1),
@@ -214,7 +209,7 @@ fn two_vcpus_pause_and_resume() {
     std::thread::sleep(Duration::from_millis(200));
     let text = sink.text();
     assert!(
-        !text.contains("CORRUPT") && ticks(&text).len() >= 2,
+        !text.contains("CORRUPT") && ledger_ticks(&text).len() >= 2,
         "{text}"
     );
 }
@@ -288,10 +283,10 @@ fn restore_in_process_continues_the_ledger() {
     std::thread::sleep(Duration::from_millis(400));
     drop(vm2);
     let all = format!("{before}{}", sink2.text());
-    let t = ticks(&all);
+    let t = ledger_ticks(&all);
     assert!(!all.contains("CORRUPT"), "{all}");
     assert!(
-        ticks(&sink2.text()).len() >= 2,
+        ledger_ticks(&sink2.text()).len() >= 2,
         "restored VM did not tick: {all}"
     );
     assert!(t.windows(2).all(|w| w[1] == w[0] + 1), "ticks: {t:?}");

@@ -45,6 +45,21 @@ pub use params::{
 pub use asm::MAX_BACKLOG_MS;
 pub use dirty::{TEMPLATE_SEEDS, TEXT_WORDS};
 
+/// The `N` of every `tick N ok` line the ledger guest printed, in order (a line cut short at
+/// the end of `console` is ignored). Drills and tests judge a console by these.
+pub fn ledger_ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("tick ")?
+                .strip_suffix(" ok")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// What the VMM tells the guest builder about the machine the guest will run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestEnv {
