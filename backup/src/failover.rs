@@ -82,6 +82,7 @@ pub(crate) async fn take_over(
     cfg: &BackupConfig,
     endpoint: &Endpoint,
     held: Held,
+    unreleased: Vec<u8>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), BackupError> {
     let decided = Instant::now();
@@ -95,6 +96,14 @@ pub(crate) async fn take_over(
         return Ok(());
     };
     let lease_wait = decided.elapsed();
+    // Output of committed epochs the old primary never released comes first: the VM resumes
+    // after those epochs and will not write it again.
+    if !unreleased.is_empty() {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&unreleased).and_then(|()| out.flush());
+        info!(bytes = unreleased.len(), "emitted committed output the old primary had held back");
+    }
     let t = Instant::now();
     let held2 = Arc::clone(&held);
     let (vm, epoch) = match tokio::task::spawn_blocking(move || promote(&held2)).await {

@@ -14,6 +14,8 @@ use understudy_protocol::{
     LocalEnd, Message, Replica,
 };
 use understudy_transport::messages;
+use understudy_vmm::state::DEFAULT_STATE_LIMIT;
+use understudy_vmm::VmState;
 use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
 
 use crate::image::{HotImage, Replicated};
@@ -55,7 +57,41 @@ enum Ended {
     /// The primary said goodbye.
     Goodbye(Held),
     /// The primary went silent: fail over if we may.
-    PrimaryFailed { silence: Duration, held: Held },
+    PrimaryFailed {
+        silence: Duration,
+        held: Held,
+        unreleased: Vec<u8>,
+    },
+}
+
+/// Console output of committed epochs that the primary has not yet said it released.
+#[derive(Default)]
+pub(crate) struct Unreleased {
+    released: u64,
+    epochs: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Unreleased {
+    fn committed(&mut self, epoch: u64, console: Vec<u8>) {
+        if epoch > self.released && !console.is_empty() {
+            self.epochs.push_back((epoch, console));
+        }
+        // A primary releases within its in-flight window (<= 16 epochs); one that never says
+        // so must not make this grow without bound.
+        while self.epochs.len() > 64 {
+            self.epochs.pop_front();
+        }
+    }
+    fn released(&mut self, epoch: u64) {
+        self.released = self.released.max(epoch);
+        while self.epochs.front().is_some_and(|(e, _)| *e <= self.released) {
+            self.epochs.pop_front();
+        }
+    }
+    /// The bytes a promoted VM must emit first, in epoch order.
+    fn take(&mut self) -> Vec<u8> {
+        self.epochs.drain(..).flat_map(|(_, b)| b).collect()
+    }
 }
 
 /// Serves primaries until `stop` is set (or after one session, if so configured).
@@ -87,7 +123,11 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                     info!(dir = %dir.display(), epoch = held.replica.epoch(), "dumped image");
                 }
             }
-            Ok(Ended::PrimaryFailed { silence, held }) => {
+            Ok(Ended::PrimaryFailed {
+                silence,
+                held,
+                unreleased,
+            }) => {
                 let silence_ms = silence.as_secs_f64() * 1e3;
                 warn!(
                     peer = conn.peer_name(),
@@ -95,7 +135,7 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                     "primary declared failed"
                 );
                 conn.close(2, "primary declared failed");
-                return crate::failover::take_over(&cfg, &endpoint, held, stop).await;
+                return crate::failover::take_over(&cfg, &endpoint, held, unreleased, stop).await;
             }
             Err(e) => {
                 error!(peer = conn.peer_name(), error = %e, "session ended");
@@ -277,10 +317,12 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
             }
         })
     };
+    let mut unreleased = Unreleased::default();
     let result = session_loop(
         cfg,
         &limits,
         &held,
+        &mut unreleased,
         &mut ctl_rx,
         &mut chunk_rx,
         &ack_tx,
@@ -295,7 +337,11 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     let _ = writer.await;
     match result {
         Ok(()) => Ok(Ended::Goodbye(held)),
-        Err(SessionError::PrimaryLost { silence }) => Ok(Ended::PrimaryFailed { silence, held }),
+        Err(SessionError::PrimaryLost { silence }) => Ok(Ended::PrimaryFailed {
+            silence,
+            held,
+            unreleased: unreleased.take(),
+        }),
         Err(e) => Err(e),
     }
 }
@@ -304,6 +350,7 @@ async fn session_loop(
     cfg: &BackupConfig,
     limits: &Limits,
     held: &Held,
+    unreleased: &mut Unreleased,
     control: &mut mpsc::Receiver<Result<Message, SessionError>>,
     chunks: &mut mpsc::Receiver<Result<DecodedChunk, String>>,
     acks: &mpsc::UnboundedSender<(u64, Instant)>,
@@ -328,6 +375,7 @@ async fn session_loop(
                         }
                         commits.push_back((c, Instant::now()));
                     }
+                    Ok(Message::Ack(a)) => unreleased.released(a.epoch),
                     Ok(Message::Heartbeat(h)) => {
                         let now = now_unix_ns() as u64;
                         let _ = out.send(Message::Heartbeat(Heartbeat::reply(&h, now, now)));
@@ -388,16 +436,21 @@ async fn session_loop(
                 let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
                 let h = &mut *h;
                 let r = assembler.commit(&c, &mut h.replica, &mut h.image);
+                let mut console = Vec::new();
                 if r.is_ok() && !c.state.is_empty() {
+                    console = VmState::decode(&c.state, DEFAULT_STATE_LIMIT)
+                        .map(|s| s.console)
+                        .unwrap_or_default();
                     h.state = Some((c.epoch, c.state));
                 }
-                (c.epoch, r)
+                (c.epoch, r.map(|done| (done, console)))
             })
             .await
             .map_err(|e| SessionError::Link(e.to_string()))?;
             match outcome {
-                Ok(done) => {
+                Ok((done, console)) => {
                     committed = epoch;
+                    unreleased.committed(epoch, console);
                     metrics::counter!("understudy_epochs_total", "outcome" => "applied")
                         .increment(1);
                     metrics::histogram!("understudy_apply_seconds")

@@ -216,7 +216,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             || (ctl.stop_after > 0 && consistent + 1 >= ctl.stop_after);
         let t0 = Instant::now();
         vm.pause()?;
-        let state = vm.state()?.encode();
+        let mut vm_state = vm.state()?;
         let dirty = vm.take_dirty()?;
         crate::KillAt::check(ctl.kill_at, crate::KillPhase::Capture, epoch + 1);
         let count = dirty.count();
@@ -226,7 +226,11 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
             vm.memory().read(gpa, buf)?;
         }
-        let sealed = vm.gate().seal();
+        // The epoch's console bytes travel in its checkpoint: if this primary dies after the
+        // backup committed the epoch but before releasing them, the promoted VM emits them.
+        let (sealed, console) = vm.gate().seal_copy();
+        vm_state.console = console;
+        let state = vm_state.encode();
         if !last {
             vm.resume();
         }

@@ -196,6 +196,8 @@ fn dump(dir: &Path, vm: &Vm, state: &[u8]) -> std::io::Result<()> {
 /// Reads the backup's control stream: on `Ack(E)` releases E's console bytes, frees E's
 /// in-flight slot and records commit latency and lag. Returns when the link fails.
 struct AckCtx {
+    /// The control stream's sending half: after releasing E's output we tell the backup.
+    tx: Arc<tokio::sync::Mutex<FrameSender>>,
     in_flight: Arc<Mutex<InFlight>>,
     last_acked: Arc<AtomicU64>,
     gate: Arc<OutputGate>,
@@ -207,6 +209,7 @@ struct AckCtx {
 
 async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
     let AckCtx {
+        tx,
         in_flight,
         last_acked,
         gate,
@@ -241,6 +244,9 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     let at = Journal::now();
                     let n = gate.release(a.epoch).unwrap_or(0);
                     journal.record(a.epoch, n, at);
+                    // An Ack from the primary means "E's output is released": on promotion the
+                    // backup emits only the committed output past it.
+                    let _ = messages::send(&mut *tx.lock().await, &Message::Ack(a)).await;
                 }
                 last_acked.store(a.epoch, Ordering::SeqCst);
                 metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
@@ -485,8 +491,10 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         let slots = Arc::clone(&slots);
         let backup_heard = Arc::clone(&backup_heard);
         let kill_at = cfg.kill_at;
+        let ack_tx = Arc::clone(&tx);
         tokio::spawn(async move {
             let mut cx = AckCtx {
+                tx: ack_tx,
                 in_flight,
                 last_acked,
                 gate,

@@ -437,6 +437,7 @@ impl Vm {
             irqchip: self.irqchip,
             vcpus,
             serial,
+            console: Vec::new(),
         })
     }
 

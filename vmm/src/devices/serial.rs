@@ -114,6 +114,20 @@ impl OutputGate {
         e
     }
 
+    /// Like [`OutputGate::seal`], and also returns a copy of the sealed epoch's bytes (they
+    /// travel with the epoch's checkpoint, so that a promoted replica can emit them if this
+    /// copy never releases them).
+    pub fn seal_copy(&self) -> (u64, Vec<u8>) {
+        let mut g = self.lock();
+        let e = g.current;
+        g.current += 1;
+        let bytes = match g.held.back() {
+            Some(h) if h.epoch == e => h.bytes.clone(),
+            _ => Vec::new(),
+        };
+        (e, bytes)
+    }
+
     /// The epoch that bytes written now belong to.
     pub fn current_epoch(&self) -> u64 {
         self.lock().current

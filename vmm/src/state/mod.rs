@@ -14,7 +14,9 @@
 //!  20      4     reserved (0)
 //!  24      ...   payload: sections, each
 //!                  tag u16 | reserved u16 | length u32 | bytes
-//!                VM (once), then VCPU (one per vCPU, in id order), then SERIAL (once)
+//!                VM (once), then VCPU (one per vCPU, in id order), then SERIAL (once),
+//!                then (version 2) CONSOLE: the console bytes the guest wrote in the epoch
+//!                this state closes, not yet released to the outside
 //! ```
 //!
 //! Decoding checks the magic, the version, the declared length against a caller-set limit
@@ -28,8 +30,8 @@ use vm_superio::serial::SerialState;
 
 use crate::memory::RegionSpec;
 
-/// The state format this build writes.
-pub const STATE_VERSION: u16 = 1;
+/// The state format this build writes (2 adds the CONSOLE section).
+pub const STATE_VERSION: u16 = 2;
 /// The oldest state format this build reads.
 pub const STATE_VERSION_MIN: u16 = 1;
 /// Default upper bound on a blob's size when decoding.
@@ -40,6 +42,9 @@ const HEADER: usize = 24;
 const TAG_VM: u16 = 1;
 const TAG_VCPU: u16 = 2;
 const TAG_SERIAL: u16 = 3;
+const TAG_CONSOLE: u16 = 4;
+/// Upper bound on the console bytes of one epoch in a state blob.
+const MAX_CONSOLE: usize = 256 << 10;
 const MAX_VCPUS: usize = 64;
 const MAX_REGIONS: usize = 64;
 
@@ -68,6 +73,9 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     /// COM1.
     pub serial: SerialState,
+    /// Console bytes written in the epoch this state closes (output commit: a promoted replica
+    /// emits them if the old primary never released them). Empty outside replication.
+    pub console: Vec<u8>,
 }
 
 /// Why a state blob was refused.
@@ -110,6 +118,7 @@ impl VmState {
             payload.section(TAG_VCPU, |w| v.encode(w));
         }
         payload.section(TAG_SERIAL, |w| encode_serial(&self.serial, w));
+        payload.section(TAG_CONSOLE, |w| w.bytes(&self.console));
         let payload = payload.0;
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.extend_from_slice(MAGIC);
@@ -193,6 +202,14 @@ impl VmState {
         let mut s = r.section(TAG_SERIAL)?;
         let serial = decode_serial(&mut s)?;
         s.end()?;
+        let console = if version >= 2 {
+            let mut c = r.section(TAG_CONSOLE)?;
+            let bytes = c.bytes(MAX_CONSOLE)?.to_vec();
+            c.end()?;
+            bytes
+        } else {
+            Vec::new()
+        };
         r.end()?;
         Ok(VmState {
             regions,
@@ -200,6 +217,7 @@ impl VmState {
             irqchip,
             vcpus,
             serial,
+            console,
         })
     }
 }
@@ -347,6 +365,7 @@ mod tests {
             irqchip: false,
             vcpus: vec![VcpuState::default()],
             serial: SerialState::default(),
+            console: b"tick 1 ok\n".to_vec(),
         }
     }
 
