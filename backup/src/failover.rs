@@ -102,7 +102,10 @@ pub(crate) async fn take_over(
         use std::io::Write;
         let mut out = std::io::stdout();
         let _ = out.write_all(&unreleased).and_then(|()| out.flush());
-        info!(bytes = unreleased.len(), "emitted committed output the old primary had held back");
+        info!(
+            bytes = unreleased.len(),
+            "emitted committed output the old primary had held back"
+        );
     }
     let t = Instant::now();
     let held2 = Arc::clone(&held);
