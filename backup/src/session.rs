@@ -14,9 +14,9 @@ use understudy_protocol::{
     LocalEnd, Message, Replica,
 };
 use understudy_transport::messages;
+use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
 use understudy_vmm::state::DEFAULT_STATE_LIMIT;
 use understudy_vmm::VmState;
-use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
 
 use crate::image::{HotImage, Replicated};
 use crate::BackupConfig;
@@ -84,7 +84,11 @@ impl Unreleased {
     }
     fn released(&mut self, epoch: u64) {
         self.released = self.released.max(epoch);
-        while self.epochs.front().is_some_and(|(e, _)| *e <= self.released) {
+        while self
+            .epochs
+            .front()
+            .is_some_and(|(e, _)| *e <= self.released)
+        {
             self.epochs.pop_front();
         }
     }
@@ -323,10 +327,12 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         &limits,
         &held,
         &mut unreleased,
-        &mut ctl_rx,
-        &mut chunk_rx,
-        &ack_tx,
-        &out_tx,
+        Links {
+            control: &mut ctl_rx,
+            chunks: &mut chunk_rx,
+            acks: &ack_tx,
+            out: &out_tx,
+        },
     )
     .await;
     control_reader.abort();
@@ -346,16 +352,31 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     }
 }
 
+/// The session loop's channels.
+struct Links<'a> {
+    /// Decoded control messages from the primary.
+    control: &'a mut mpsc::Receiver<Result<Message, SessionError>>,
+    /// Decoded, verified chunks.
+    chunks: &'a mut mpsc::Receiver<Result<DecodedChunk, String>>,
+    /// Acks to send (after the ack-delay knob).
+    acks: &'a mpsc::UnboundedSender<(u64, Instant)>,
+    /// Messages to send at once (heartbeat replies).
+    out: &'a mpsc::UnboundedSender<Message>,
+}
+
 async fn session_loop(
     cfg: &BackupConfig,
     limits: &Limits,
     held: &Held,
     unreleased: &mut Unreleased,
-    control: &mut mpsc::Receiver<Result<Message, SessionError>>,
-    chunks: &mut mpsc::Receiver<Result<DecodedChunk, String>>,
-    acks: &mpsc::UnboundedSender<(u64, Instant)>,
-    out: &mpsc::UnboundedSender<Message>,
+    links: Links<'_>,
 ) -> Result<(), SessionError> {
+    let Links {
+        control,
+        chunks,
+        acks,
+        out,
+    } = links;
     let mut committed = 0u64;
     let mut last_heard = Instant::now();
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
