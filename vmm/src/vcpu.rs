@@ -139,6 +139,9 @@ pub(crate) struct VcpuEnv {
 }
 
 /// The outcome of waiting for a vCPU to park.
+// One value per vCPU per pause, moved straight into the VM's state: boxing the 6.6 KB state
+// would only add an allocation to the pause path.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Parked {
     /// Parked, with the state it saved (or the error saving it).
     Saved(Result<VcpuState, VcpuStateError>),
@@ -280,7 +283,13 @@ fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReaso
                     c.saved = Some(saved);
                     c.saved_seq = c.pause_seq;
                     c.parked = true;
+                    // Wake the controller after unlocking: notified under the lock, it would
+                    // wake only to block on the mutex until `wait_while` below releases it
+                    // (two more context switches; ~10 us of every pause here).
+                    drop(c);
                     shared.cv.notify_all();
+                    c = shared.lock();
+                    continue;
                 }
                 c = shared
                     .cv
