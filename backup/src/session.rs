@@ -103,6 +103,13 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     let identity = Identity::load(&cfg.tls).map_err(BackupError::Identity)?;
     let endpoint = Endpoint::server(cfg.listen, &identity, &TransportOptions::default())
         .map_err(BackupError::Bind)?;
+    // Promotion must not pay for probing CPUID and MSRs: do it now, once per process.
+    if let Err(e) = tokio::task::spawn_blocking(understudy_vmm::Vm::warm_up)
+        .await
+        .unwrap_or(Ok(()))
+    {
+        warn!(error = %e, "could not prepare KVM; a promotion would fail");
+    }
     info!(addr = %cfg.listen, vm = %cfg.vm_id, "backup listening");
     while !stop.load(Ordering::SeqCst) {
         let accepted = tokio::select! {

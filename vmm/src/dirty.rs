@@ -80,8 +80,14 @@ mod tests {
 
     #[test]
     fn pages_map_bits_to_addresses() {
-        let a = RegionSpec { gpa: 0, size: 70 * PAGE_SIZE };
-        let b = RegionSpec { gpa: 70 * PAGE_SIZE, size: 4 * PAGE_SIZE };
+        let a = RegionSpec {
+            gpa: 0,
+            size: 70 * PAGE_SIZE,
+        };
+        let b = RegionSpec {
+            gpa: 70 * PAGE_SIZE,
+            size: 4 * PAGE_SIZE,
+        };
         let d = DirtySet::new(vec![(a, vec![1 | 1 << 63, 1 << 5]), (b, vec![0b1000])]);
         let pages: Vec<u64> = d.pages().map(|g| g / PAGE_SIZE).collect();
         assert_eq!(pages, vec![0, 63, 69, 73]);
