@@ -21,3 +21,32 @@ ensure_deps() {
         echo "warning: /dev/kvm is missing or not read-write for $(id -un); guests cannot run" >&2
     fi
 }
+
+# Debian's `prometheus` package (it provides `prometheus` and `promtool`), for the
+# observability tests (tests/observability.rs, scripts/prometheus.sh). Installs itself.
+ensure_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "prometheus/promtool are missing and apt-get is not available to install them" >&2
+        return 1
+    fi
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else
+            echo "prometheus/promtool are missing and installing them needs root (or sudo)" >&2
+            return 1
+        fi
+    fi
+    echo "installing prometheus (provides prometheus and promtool) with apt-get"
+    # The package's service must not start on a machine without systemd (or at all here).
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold prometheus >/dev/null ||
+        { echo "apt-get install prometheus failed" >&2; return 1; }
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || {
+        echo "the prometheus package installed but prometheus/promtool are not on PATH" >&2
+        return 1
+    }
+}

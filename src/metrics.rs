@@ -1,17 +1,363 @@
-//! The Prometheus exporter (`--metrics ADDR`).
+//! The Prometheus exporter (`--metrics ADDR`) and the catalog of every metric Understudy emits.
+//!
+//! Naming: `understudy_` prefix, base units (seconds, bytes) in the name, `_total` on counters,
+//! labels with a handful of fixed values only. `dashboards/` may only name metrics of
+//! [`CATALOG`] (tests/dashboards.rs), and a protect + failover run must emit every one of them
+//! (tests/observability.rs).
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// What Prometheus type a metric has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric of the catalog.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// The HELP text; says the unit.
+    pub help: &'static str,
+    /// Label names (each with a few fixed values, named in `help`). Read by the tests, which
+    /// check that nothing else is attached.
+    #[allow(dead_code)]
+    pub labels: &'static [&'static str],
+    /// Histogram bucket upper bounds, in the metric's base unit (empty for the other kinds).
+    pub buckets: &'static [f64],
+}
+
+const fn counter(
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind: Kind::Counter,
+        help,
+        labels,
+        buckets: &[],
+    }
+}
+
+const fn gauge(
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind: Kind::Gauge,
+        help,
+        labels,
+        buckets: &[],
+    }
+}
+
+const fn histogram(name: &'static str, buckets: &'static [f64], help: &'static str) -> MetricDef {
+    MetricDef {
+        name,
+        kind: Kind::Histogram,
+        help,
+        labels: &[],
+        buckets,
+    }
+}
+
+/// 100 us .. 100 ms: the capture pause.
+const PAUSE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+/// 1 .. 1e6 pages (4 GiB of 4 KiB pages).
+const PAGE_BUCKETS: &[f64] = &[
+    1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6,
+];
+/// 1 ms .. 10 s: capture to Ack (the RPO of each epoch), output held back.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// 100 us .. 1 s: applying one epoch to the hot image.
+const APPLY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// 100 us .. 30 s: lease won to the restored VM running.
+const PROMOTION_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+/// Every metric Understudy declares. Nothing else may be emitted or named by a dashboard.
+pub const CATALOG: &[MetricDef] = &[
+    // Counters.
+    counter(
+        "understudy_epochs_total",
+        &["outcome"],
+        "Epochs by outcome (count): acked (primary: the backup acknowledged it); applied or \
+         refused (backup).",
+    ),
+    counter(
+        "understudy_pages_total",
+        &["kind"],
+        "Dirty pages encoded by the primary, by codec record kind (count): zero, unchanged, ref, \
+         full, delta.",
+    ),
+    counter(
+        "understudy_bytes_raw_total",
+        &[],
+        "Bytes of dirty guest pages before encoding (bytes).",
+    ),
+    counter(
+        "understudy_bytes_encoded_total",
+        &[],
+        "Bytes of encoded epoch chunks after dedup and compression (bytes).",
+    ),
+    counter(
+        "understudy_bytes_wire_total",
+        &[],
+        "Bytes written to the backup's QUIC streams, framing included (bytes).",
+    ),
+    counter(
+        "understudy_promotions_total",
+        &["reason"],
+        "Promotions attempted by this backup, by reason (count): primary_failed, admin, \
+         lease_refused (the lease could not be won, so the backup did not promote).",
+    ),
+    counter(
+        "understudy_fenced_total",
+        &[],
+        "Times this node stopped its VM because it lost the lease (count).",
+    ),
+    counter(
+        "understudy_lease_handovers_total",
+        &[],
+        "Witness: leases granted to a node other than the last holder (count).",
+    ),
+    counter(
+        "understudy_drills_total",
+        &[],
+        "Failover drills run (count).",
+    ),
+    counter(
+        "understudy_drills_passed_total",
+        &[],
+        "Failover drills that passed (count).",
+    ),
+    counter(
+        "understudy_digest_mismatches_total",
+        &[],
+        "Epochs whose image digest after apply differed from the primary's (count).",
+    ),
+    // Gauges.
+    gauge(
+        "understudy_epoch_interval_seconds",
+        &[],
+        "Primary: time between the last two epoch captures (seconds).",
+    ),
+    gauge(
+        "understudy_replication_lag_seconds",
+        &[],
+        "Primary: capture to Ack of the last acknowledged epoch, the current RPO (seconds).",
+    ),
+    gauge(
+        "understudy_last_committed_epoch",
+        &[],
+        "The last epoch acknowledged (primary) or applied (backup) (epoch number).",
+    ),
+    gauge(
+        "understudy_role",
+        &["role"],
+        "This node's role (1 for the current role): primary, backup or witness.",
+    ),
+    gauge(
+        "understudy_peer_connected",
+        &[],
+        "Whether the peer (the primary's backup, the backup's primary) is connected (0 or 1).",
+    ),
+    gauge(
+        "understudy_protected",
+        &[],
+        "Primary: whether a backup is committing our epochs (0 or 1).",
+    ),
+    gauge(
+        "understudy_heartbeat_rtt_seconds",
+        &[],
+        "Round-trip time of the last heartbeat (seconds).",
+    ),
+    gauge(
+        "understudy_heartbeat_age_seconds",
+        &[],
+        "Time since the peer was last heard from (seconds).",
+    ),
+    gauge(
+        "understudy_output_held_bytes",
+        &[],
+        "Primary: guest console output held back until its epoch is acknowledged (bytes).",
+    ),
+    gauge(
+        "understudy_guest_progress",
+        &[],
+        "The guest's own progress counter (ledger ticks; count).",
+    ),
+    gauge(
+        "understudy_drill_last_success_timestamp_seconds",
+        &[],
+        "Unix time of the last failover drill that passed (seconds since the epoch).",
+    ),
+    gauge(
+        "understudy_build_info",
+        &["version"],
+        "Always 1; the version label is the understudy release.",
+    ),
+    // Histograms.
+    histogram(
+        "understudy_pause_seconds",
+        PAUSE_BUCKETS,
+        "Primary: how long the guest's vCPUs stood still for an epoch capture (seconds).",
+    ),
+    histogram(
+        "understudy_dirty_pages",
+        PAGE_BUCKETS,
+        "Primary: pages dirtied per epoch (pages).",
+    ),
+    histogram(
+        "understudy_commit_latency_seconds",
+        LATENCY_BUCKETS,
+        "Primary: epoch capture to the backup's Ack (seconds).",
+    ),
+    histogram(
+        "understudy_apply_seconds",
+        APPLY_BUCKETS,
+        "Backup: applying one committed epoch to the hot image (seconds).",
+    ),
+    histogram(
+        "understudy_promotion_seconds",
+        PROMOTION_BUCKETS,
+        "Backup: lease won to the promoted VM running (seconds).",
+    ),
+    histogram(
+        "understudy_output_hold_seconds",
+        LATENCY_BUCKETS,
+        "Primary: how long console output was held back before release (seconds).",
+    ),
+];
 
 /// Serves `/metrics` on `addr` when given; metric macros are no-ops otherwise.
 pub fn install(addr: Option<SocketAddr>) -> Result<()> {
-    if let Some(addr) = addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        tracing::info!(%addr, "metrics endpoint up");
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let mut builder = PrometheusBuilder::new().with_http_listener(addr);
+    for def in CATALOG.iter().filter(|d| d.kind == Kind::Histogram) {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(def.name.to_string()), def.buckets)
+            .with_context(|| format!("buckets of {}", def.name))?;
     }
+    builder
+        .install()
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    describe();
+    metrics::gauge!("understudy_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    tracing::info!(%addr, "metrics endpoint up");
     Ok(())
+}
+
+/// HELP and TYPE lines for every metric of the catalog.
+fn describe() {
+    for def in CATALOG {
+        match def.kind {
+            Kind::Counter => metrics::describe_counter!(def.name, def.help),
+            Kind::Gauge => metrics::describe_gauge!(def.name, def.help),
+            Kind::Histogram => metrics::describe_histogram!(def.name, def.help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_names_follow_prometheus_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for d in CATALOG {
+            let n = d.name;
+            assert!(seen.insert(n), "{n} is in the catalog twice");
+            assert!(n.starts_with("understudy_"), "{n}: no understudy_ prefix");
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{n}: not snake_case"
+            );
+            assert!(!d.help.is_empty(), "{n}: no help text");
+            assert_eq!(
+                d.kind == Kind::Counter,
+                n.ends_with("_total"),
+                "{n}: counters and only counters end in _total"
+            );
+            for bad in [
+                "_milliseconds",
+                "_microseconds",
+                "_nanoseconds",
+                "_ms",
+                "_us",
+                "_ns",
+                "_minutes",
+                "_hours",
+                "_kilobytes",
+                "_megabytes",
+                "_kib",
+                "_mib",
+                "_kb",
+                "_mb",
+                "_percent",
+            ] {
+                assert!(
+                    !n.contains(&format!("{bad}_")) && !n.ends_with(bad),
+                    "{n}: {bad} is not a base unit"
+                );
+            }
+            // Time is in seconds and sizes in bytes, said in the name.
+            if d.help.contains("(seconds") {
+                let base = n.strip_suffix("_total").unwrap_or(n);
+                assert!(base.ends_with("_seconds"), "{n}: time without _seconds");
+            }
+            if d.help.contains("(bytes)") {
+                assert!(
+                    n.split('_').any(|w| w == "bytes"),
+                    "{n}: a size without bytes in its name"
+                );
+            }
+            for l in d.labels {
+                assert!(
+                    ["outcome", "kind", "reason", "role", "version"].contains(l),
+                    "{n}: label {l} is not one of the low-cardinality labels"
+                );
+            }
+            if d.kind == Kind::Histogram {
+                assert!(!d.buckets.is_empty(), "{n}: a histogram without buckets");
+                assert!(
+                    d.buckets.windows(2).all(|w| w[0] < w[1]) && d.buckets[0] > 0.0,
+                    "{n}: buckets must be positive and increasing"
+                );
+            } else {
+                assert!(d.buckets.is_empty(), "{n}: buckets on a non-histogram");
+            }
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_span_their_ranges() {
+        let get = |n: &str| CATALOG.iter().find(|d| d.name == n).unwrap().buckets;
+        let pause = get("understudy_pause_seconds");
+        assert_eq!((pause[0], *pause.last().unwrap()), (0.0001, 0.1));
+        let pages = get("understudy_dirty_pages");
+        assert_eq!((pages[0], *pages.last().unwrap()), (1.0, 1e6));
+    }
 }
