@@ -18,6 +18,9 @@ pub enum Kind {
     Histogram,
 }
 
+/// Label names, each with its few allowed values.
+pub type Labels = &'static [(&'static str, &'static [&'static str])];
+
 /// One metric of the catalog.
 #[derive(Clone, Copy, Debug)]
 pub struct MetricDef {
@@ -25,19 +28,15 @@ pub struct MetricDef {
     pub kind: Kind,
     /// The HELP text; says the unit.
     pub help: &'static str,
-    /// Label names (each with a few fixed values, named in `help`). Read by the tests, which
-    /// check that nothing else is attached.
+    /// Labels and the values each may take (empty: one value per process, e.g. the version).
+    /// Read by the tests, which check that nothing else is attached.
     #[allow(dead_code)]
-    pub labels: &'static [&'static str],
+    pub labels: Labels,
     /// Histogram bucket upper bounds, in the metric's base unit (empty for the other kinds).
     pub buckets: &'static [f64],
 }
 
-const fn counter(
-    name: &'static str,
-    labels: &'static [&'static str],
-    help: &'static str,
-) -> MetricDef {
+const fn counter(name: &'static str, labels: Labels, help: &'static str) -> MetricDef {
     MetricDef {
         name,
         kind: Kind::Counter,
@@ -47,11 +46,7 @@ const fn counter(
     }
 }
 
-const fn gauge(
-    name: &'static str,
-    labels: &'static [&'static str],
-    help: &'static str,
-) -> MetricDef {
+const fn gauge(name: &'static str, labels: Labels, help: &'static str) -> MetricDef {
     MetricDef {
         name,
         kind: Kind::Gauge,
@@ -98,13 +93,13 @@ pub const CATALOG: &[MetricDef] = &[
     // Counters.
     counter(
         "understudy_epochs_total",
-        &["outcome"],
+        &[("outcome", &["acked", "applied", "refused"])],
         "Epochs by outcome (count): acked (primary: the backup acknowledged it); applied or \
          refused (backup).",
     ),
     counter(
         "understudy_pages_total",
-        &["kind"],
+        &[("kind", &["zero", "unchanged", "ref", "full", "delta"])],
         "Dirty pages encoded by the primary, by codec record kind (count): zero, unchanged, ref, \
          full, delta.",
     ),
@@ -125,7 +120,7 @@ pub const CATALOG: &[MetricDef] = &[
     ),
     counter(
         "understudy_promotions_total",
-        &["reason"],
+        &[("reason", &["primary_failed", "admin", "lease_refused"])],
         "Promotions attempted by this backup, by reason (count): primary_failed, admin, \
          lease_refused (the lease could not be won, so the backup did not promote).",
     ),
@@ -172,7 +167,7 @@ pub const CATALOG: &[MetricDef] = &[
     ),
     gauge(
         "understudy_role",
-        &["role"],
+        &[("role", &["primary", "backup", "witness"])],
         "This node's role (1 for the current role): primary, backup or witness.",
     ),
     gauge(
@@ -212,7 +207,7 @@ pub const CATALOG: &[MetricDef] = &[
     ),
     gauge(
         "understudy_build_info",
-        &["version"],
+        &[("version", &[])],
         "Always 1; the version label is the understudy release.",
     ),
     // Histograms.
@@ -334,10 +329,15 @@ mod tests {
                     "{n}: a size without bytes in its name"
                 );
             }
-            for l in d.labels {
+            for (l, values) in d.labels {
                 assert!(
                     ["outcome", "kind", "reason", "role", "version"].contains(l),
                     "{n}: label {l} is not one of the low-cardinality labels"
+                );
+                assert!(values.len() <= 8, "{n}: label {l} has too many values");
+                assert!(
+                    !values.is_empty() || *l == "version",
+                    "{n}: label {l} must list its values"
                 );
             }
             if d.kind == Kind::Histogram {

@@ -88,8 +88,8 @@ fn url_encode(s: &str) -> String {
 struct Scrape {
     samples: BTreeMap<String, usize>,
     types: BTreeMap<String, String>,
-    /// Label names seen on each metric's samples.
-    labels: BTreeMap<String, BTreeSet<String>>,
+    /// Label name and value pairs seen on each metric's samples.
+    labels: BTreeMap<String, BTreeSet<(String, String)>>,
 }
 
 impl Scrape {
@@ -109,17 +109,18 @@ impl Scrape {
             let name = line.split(['{', ' ']).next().unwrap_or("");
             let base = base_name(name).to_string();
             *s.samples.entry(base.clone()).or_default() += 1;
-            let names = s.labels.entry(base).or_default();
+            let pairs = s.labels.entry(base).or_default();
             if let Some((_, rest)) = line.split_once('{') {
-                // `k="v",k2="v2"}`: values may hold commas, so read key="...".
+                // `k="v",k2="v2"} 1`; values may hold commas and escaped quotes.
                 let mut rest = rest;
                 while let Some((k, after)) = rest.split_once("=\"") {
-                    names.insert(k.trim_start_matches(',').trim().to_string());
-                    let mut end = 0;
                     let b = after.as_bytes();
+                    let mut end = 0;
                     while end < b.len() && !(b[end] == b'"' && (end == 0 || b[end - 1] != b'\\')) {
                         end += 1;
                     }
+                    let key = k.trim_start_matches(',').trim().to_string();
+                    pairs.insert((key, after[..end].to_string()));
                     rest = &after[(end + 1).min(after.len())..];
                 }
             }
@@ -419,10 +420,19 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
         }
     }
     for m in catalog::CATALOG {
-        let declared: BTreeSet<&str> = m.labels.iter().copied().chain(["le"]).collect();
-        for l in all.labels.get(m.name).into_iter().flatten() {
-            if !declared.contains(l.as_str()) {
-                wrong_type.push(format!("{} has label {l:?}, not in the catalog", m.name));
+        for (l, v) in all.labels.get(m.name).into_iter().flatten() {
+            if m.kind == catalog::Kind::Histogram && l == "le" {
+                continue;
+            }
+            match m.labels.iter().find(|(name, _)| name == l) {
+                None => wrong_type.push(format!("{} has label {l:?}, not in the catalog", m.name)),
+                Some((_, values)) if !values.is_empty() && !values.contains(&v.as_str()) => {
+                    wrong_type.push(format!(
+                        "{}{{{l}={v:?}}}: a value not in the catalog",
+                        m.name
+                    ))
+                }
+                _ => {}
             }
         }
     }
@@ -660,5 +670,29 @@ fn prometheus_evaluates_every_dashboard_query() {
         problems.len(),
         queries.len(),
         problems.join("\n")
+    );
+}
+
+#[test]
+fn scrape_text_is_read_with_labels_and_histogram_suffixes() {
+    let sc = Scrape::parse(
+        "# HELP understudy_pause_seconds x\n# TYPE understudy_pause_seconds histogram\n\
+         understudy_pause_seconds_bucket{le=\"0.001\"} 3\nunderstudy_pause_seconds_sum 0.1\n\
+         understudy_pause_seconds_count 3\n\
+         understudy_pages_total{kind=\"zero\",note=\"a,b=\\\"c\\\"\"} 7\nunderstudy_protected 1\n",
+    );
+    assert_eq!(sc.samples["understudy_pause_seconds"], 3);
+    assert_eq!(sc.types["understudy_pause_seconds"], "histogram");
+    assert_eq!(sc.samples["understudy_protected"], 1);
+    let pages: Vec<_> = sc.labels["understudy_pages_total"]
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            ("kind".to_string(), "zero".to_string()),
+            ("note".to_string(), "a,b=\\\"c\\\"".to_string())
+        ]
     );
 }
