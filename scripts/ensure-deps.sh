@@ -20,6 +20,22 @@ ensure_deps() {
     if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
         echo "warning: /dev/kvm is missing or not read-write for $(id -un); guests cannot run" >&2
     fi
+    ensure_netns_tools
+}
+
+# `ip` (iproute2: network namespaces, veth, bridge) and `nft` (nftables), for the partition
+# tests (tests/partition.rs), which cut links between namespaces. Installs what is missing.
+ensure_netns_tools() {
+    local missing=()
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        echo "warning: ${missing[*]} missing (the partition tests need them); install as root with apt-get" >&2
+        return 0
+    fi
+    echo "installing ${missing[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # Debian's `prometheus` package (it provides `prometheus` and `promtool`), for the
