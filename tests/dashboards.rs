@@ -146,6 +146,21 @@ fn dashboard_panels_have_datasource_targets_and_positions() {
             }
         }
     }
+    // No two panels (top-level rows and panels) overlap on the grid.
+    let top: Vec<&Value> = dash["panels"].as_array().unwrap().iter().collect();
+    let rect = |p: &Value| {
+        let g = &p["gridPos"];
+        let v = |k: &str| g[k].as_u64().unwrap_or(0);
+        (v("x"), v("y"), v("x") + v("w"), v("y") + v("h"))
+    };
+    for (i, a) in top.iter().enumerate() {
+        for b in &top[i + 1..] {
+            let (ra, rb) = (rect(a), rect(b));
+            if ra.0 < rb.2 && rb.0 < ra.2 && ra.1 < rb.3 && rb.1 < ra.3 {
+                problems.push(format!("{} and {} overlap", a["title"], b["title"]));
+            }
+        }
+    }
     assert!(
         problems.is_empty(),
         "dashboard problems:\n{}",
