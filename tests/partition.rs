@@ -9,10 +9,11 @@
 //!    backup did not promote, or the primary's guest stopped and the promoted one runs.
 //! 2. **It never ran twice at once**, checked twice:
 //!    - *From the console streams* (what an outside observer sees). Every stdout line is
-//!      timestamped when it arrives here. The primary releases epoch E's console output only
-//!      when the backup acknowledged E, so a released tick was produced by the guest *before*
-//!      its release (the release lags the guest by an epoch or two plus a round trip; output that
-//!      is never released is never seen, which is the point of output commit). So if the
+//!      timestamped when it arrives here. A tick reaches us only after the guest produced it:
+//!      while protected, the primary releases epoch E's console output when the backup
+//!      acknowledged E, so the release lags the guest by an epoch or two plus a round trip
+//!      (output that is never released is never seen, which is the point of output commit);
+//!      unprotected, it lags by nothing but the pipe. So if the
 //!      primary's last released tick arrived before the backup's promotion began (the
 //!      `promoted:` log line's own timestamp minus the logged promotion time, and before the
 //!      first console line the backup wrote), every tick the outside saw from the primary's
@@ -934,7 +935,10 @@ fn cut_between_primary_and_witness() {
     );
 }
 
-/// backup|witness: nothing fails that the backup could notice; the primary runs on.
+/// backup|witness: nothing fails that the backup could notice; the primary runs on. (In steady
+/// state no packet crosses this link: the backup contacts the witness only to take over. So the
+/// test checks that the cut disturbs nothing, and that the cut is in place should the backup
+/// ever try.)
 #[test]
 fn cut_between_backup_and_witness() {
     partition(
