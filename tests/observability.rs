@@ -190,6 +190,11 @@ fn dashboard_metrics() -> BTreeSet<String> {
     out
 }
 
+/// Longer than the defaults (300 ms): the machine may be shared, and a spurious failover
+/// during the full sync is not what these tests are about.
+const FAILURE_TIMEOUT: &str = "1s";
+const LEASE_TTL: &str = "1s";
+
 /// Witness, backup and primary (ledger guest), each serving metrics.
 struct Trio {
     witness: Proc,
@@ -234,6 +239,10 @@ fn start_trio(d: &Path) -> Trio {
             "--once",
             "--metrics",
             &metrics[1],
+            "--failure-timeout",
+            FAILURE_TIMEOUT,
+            "--lease-ttl",
+            LEASE_TTL,
         ]),
     );
     backup.wait_for("backup listening", Duration::from_secs(10));
@@ -254,6 +263,10 @@ fn start_trio(d: &Path) -> Trio {
             "128M",
             "--metrics",
             &metrics[2],
+            "--failure-timeout",
+            FAILURE_TIMEOUT,
+            "--lease-ttl",
+            LEASE_TTL,
         ]),
     );
     primary.wait_for("full sync sent", Duration::from_secs(60));
