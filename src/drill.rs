@@ -39,6 +39,13 @@ pub struct DrillArgs {
     /// Keep each drill's directory (logs, consoles) here instead of a temporary one.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// Serve Prometheus metrics (drills run and passed, last success) on this address while
+    /// the drills run.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// With --metrics: keep serving this long after the last drill (for a scrape to see it).
+    #[arg(long, default_value = "0s", value_parser = crate::protect::parse_duration)]
+    linger: Duration,
 }
 
 /// One drill's figures.
@@ -332,6 +339,7 @@ pub fn run(args: DrillArgs) -> Result<i32> {
             args.kill_at
         );
     }
+    crate::metrics::install(args.metrics)?;
     let mut reports = Vec::new();
     for run in 1..=args.repeat {
         let phase = match args.kill_at.as_str() {
@@ -381,6 +389,8 @@ pub fn run(args: DrillArgs) -> Result<i32> {
         metrics::counter!("understudy_drills_total").increment(1);
         if r.passed {
             metrics::counter!("understudy_drills_passed_total").increment(1);
+            metrics::gauge!("understudy_drill_last_success_timestamp_seconds")
+                .set(unix_ns_now() / 1e9);
         }
         reports.push(r);
     }
@@ -399,6 +409,9 @@ pub fn run(args: DrillArgs) -> Result<i32> {
             f(percentile(&mut promo, 0.5)),
             f(percentile(&mut promo, 0.99)),
         );
+    }
+    if args.metrics.is_some() {
+        std::thread::sleep(args.linger);
     }
     Ok(if passed == reports.len() { 0 } else { 1 })
 }

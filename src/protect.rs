@@ -158,6 +158,22 @@ pub struct PrimaryArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// When the backup is lost: `continue` runs the guest on unprotected (console output is
+    /// no longer held back) while reconnecting; `pause` pauses it until a backup is back.
+    /// Either way a reconnected backup gets a full sync.
+    #[arg(long, default_value = "continue", value_parser = parse_on_backup_loss)]
+    on_backup_loss: understudy_primary::OnBackupLoss,
+    /// How often to try to reach a lost backup again.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    reconnect_interval: Duration,
+}
+
+fn parse_on_backup_loss(s: &str) -> Result<understudy_primary::OnBackupLoss, String> {
+    match s {
+        "continue" => Ok(understudy_primary::OnBackupLoss::Continue),
+        "pause" => Ok(understudy_primary::OnBackupLoss::Pause),
+        _ => Err(format!("{s:?}: use continue or pause")),
+    }
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<i32> {
@@ -189,9 +205,12 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
             phase,
             epoch: args.kill_epoch.unwrap_or(0),
         }),
+        on_backup_loss: args.on_backup_loss,
+        reconnect_interval: args.reconnect_interval,
     };
     let summary = runtime()?.block_on(understudy_primary::run(cfg, stop))?;
     info!(
+        sessions = summary.sessions,
         sync_epochs = summary.sync_epochs,
         last_epoch = summary.last_epoch,
         last_acked = summary.last_acked,
@@ -235,12 +254,54 @@ pub struct BackupArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Re-protection: after promoting, protect the VM with the backup at this address (full
+    /// sync, then epochs, as a primary would).
+    #[arg(long)]
+    protect_to: Option<SocketAddr>,
+    /// The name in the certificate of the --protect-to backup (it must differ from ours, so
+    /// that the witness tells the two apart).
+    #[arg(long, default_value = "backup2")]
+    protect_to_name: String,
+    /// Epoch length when re-protecting, 1ms..=10s.
+    #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
+    protect_epoch: Duration,
+}
+
+/// What a promoted backup needs to protect its VM with a new backup.
+fn reprotect_config(args: &BackupArgs, to: SocketAddr) -> PrimaryConfig {
+    PrimaryConfig {
+        vm_id: args.vm_id.clone(),
+        backup: to,
+        backup_name: args.protect_to_name.clone(),
+        tls: args.tls.files("backup"),
+        // The VM already runs: guest, layout and vCPUs come from it.
+        workload: understudy_vmm::guests::Workload::Idle(Default::default()),
+        regions: Vec::new(),
+        vcpus: 1,
+        epoch: args.protect_epoch,
+        max_in_flight: understudy_primary::DEFAULT_MAX_IN_FLIGHT,
+        encode_threads: 2,
+        sync_batch_pages: 16384,
+        console: Box::new(std::io::sink()),
+        release_journal: None,
+        stop_after_epochs: 0,
+        dump_dir: None,
+        progress_bar: false,
+        heartbeat_interval: Duration::from_millis(50),
+        failure_timeout: args.failover.failure_timeout,
+        witness: None,
+        lease_ttl: args.failover.lease_ttl,
+        kill_at: None,
+        on_backup_loss: understudy_primary::OnBackupLoss::Continue,
+        reconnect_interval: Duration::from_secs(1),
+    }
 }
 
 pub fn backup(args: BackupArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
     let stop = stop_flag()?;
+    let protect_to = args.protect_to.map(|to| reprotect_config(&args, to));
     let cfg = BackupConfig {
         listen: args.listen,
         tls: args.tls.files("backup"),
@@ -253,6 +314,7 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         failure_timeout: args.failover.failure_timeout,
         witness: args.failover.witness,
         lease_ttl: args.failover.lease_ttl,
+        protect_to: std::sync::Mutex::new(protect_to),
     };
     runtime()?.block_on(understudy_backup::run(cfg, stop))?;
     Ok(0)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use tracing::{info, warn};
-use understudy_protocol::{LeaseReply, Limits, Message};
+use understudy_protocol::{LeaseReply, Limits, Message, Successor};
 use understudy_transport::{messages, Endpoint, Identity, TransportOptions};
 
 use crate::protect::TlsArgs;
@@ -35,29 +35,53 @@ pub struct WitnessArgs {
     metrics: Option<SocketAddr>,
 }
 
-/// Who holds which VM's lease, until when.
+/// Who holds which VM's lease, until when, and who may take it over after that.
 #[derive(Default)]
 pub struct Leases {
-    held: HashMap<String, (String, Instant)>,
+    held: HashMap<String, (String, Instant, Successor)>,
 }
 
 impl Leases {
-    /// Grants `vm`'s lease to `holder` for `ttl` unless someone else holds an unexpired one.
-    pub fn request(&mut self, vm: &str, holder: &str, ttl: Duration, now: Instant) -> LeaseReply {
+    /// Grants `vm`'s lease to `holder` for `ttl` unless someone else holds an unexpired one, or
+    /// the expired holder named a successor that is not `holder`.
+    pub fn request(
+        &mut self,
+        vm: &str,
+        holder: &str,
+        ttl: Duration,
+        successor: Successor,
+        now: Instant,
+    ) -> LeaseReply {
         match self.held.get(vm) {
-            Some((h, until)) if h != holder && *until > now => LeaseReply {
+            Some((h, until, _)) if h != holder && *until > now => LeaseReply {
                 granted: false,
                 holder: h.clone(),
                 ttl_ms: (*until - now).as_millis().min(u32::MAX as u128) as u32,
                 seq: 0,
             },
+            Some((h, _, next)) if h != holder && !next.admits(holder) => {
+                warn!(
+                    vm, holder, previous = %h, successor = ?next,
+                    "lease refused: its last holder did not name this node as its successor \
+                     (it ran unprotected, so this node's image is stale)"
+                );
+                LeaseReply {
+                    granted: false,
+                    holder: h.clone(),
+                    ttl_ms: 0,
+                    seq: 0,
+                }
+            }
             previous => {
-                if previous.is_none_or(|(h, _)| h != holder) {
+                if previous.is_none_or(|(h, _, _)| h != holder) {
                     info!(vm, holder, "lease granted to a new holder");
                     metrics::counter!("understudy_lease_handovers_total").increment(1);
                 }
+                if previous.is_some_and(|(h, _, s)| h == holder && *s != successor) {
+                    info!(vm, holder, successor = ?successor, "successor changed");
+                }
                 self.held
-                    .insert(vm.to_string(), (holder.to_string(), now + ttl));
+                    .insert(vm.to_string(), (holder.to_string(), now + ttl, successor));
                 LeaseReply {
                     granted: true,
                     holder: holder.to_string(),
@@ -78,6 +102,7 @@ pub fn run(args: WitnessArgs) -> Result<i32> {
         let endpoint = Endpoint::server(args.listen, &identity, &TransportOptions::default())
             .context("listening")?;
         info!(addr = %args.listen, "witness listening");
+        metrics::gauge!("understudy_role", "role" => "witness").set(1.0);
         let leases = Arc::new(Mutex::new(Leases::default()));
         while let Some(incoming) = endpoint.accept().await {
             let conn = match incoming {
@@ -104,7 +129,7 @@ pub fn run(args: WitnessArgs) -> Result<i32> {
                             let mut r = leases
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .request(&l.vm_id, &peer, ttl, Instant::now());
+                                .request(&l.vm_id, &peer, ttl, l.successor, Instant::now());
                             r.seq = l.seq;
                             r
                         }
@@ -138,21 +163,41 @@ mod tests {
         let mut l = Leases::default();
         let t = Instant::now();
         let ttl = Duration::from_millis(300);
-        assert!(l.request("vm", "primary", ttl, t).granted);
-        assert!(
-            l.request("vm", "primary", ttl, t + Duration::from_millis(100))
-                .granted
-        );
-        let r = l.request("vm", "backup", ttl, t + Duration::from_millis(200));
+        let any = || Successor::Any;
+        let ms = Duration::from_millis;
+        assert!(l.request("vm", "primary", ttl, any(), t).granted);
+        assert!(l.request("vm", "primary", ttl, any(), t + ms(100)).granted);
+        let r = l.request("vm", "backup", ttl, any(), t + ms(200));
         assert!(!r.granted && r.holder == "primary" && r.ttl_ms == 200);
+        assert!(l.request("vm", "backup", ttl, any(), t + ms(401)).granted);
+        assert!(!l.request("vm", "primary", ttl, any(), t + ms(402)).granted);
+        assert!(l.request("other-vm", "primary", ttl, any(), t).granted);
+    }
+
+    #[test]
+    fn only_the_named_successor_takes_an_expired_lease() {
+        let mut l = Leases::default();
+        let t = Instant::now();
+        let ttl = Duration::from_millis(300);
+        let ms = Duration::from_millis;
+        let only = |n: &str| Successor::Only(n.to_string());
+        assert!(l.request("vm", "primary", ttl, only("backup"), t).granted);
         assert!(
-            l.request("vm", "backup", ttl, t + Duration::from_millis(401))
+            !l.request("vm", "stranger", ttl, Successor::Any, t + ms(400))
                 .granted
         );
         assert!(
-            !l.request("vm", "primary", ttl, t + Duration::from_millis(402))
+            l.request("vm", "backup", ttl, Successor::Nobody, t + ms(400))
                 .granted
         );
-        assert!(l.request("other-vm", "primary", ttl, t).granted);
+        // A holder that runs unprotected: nobody takes over, even long after expiry.
+        assert!(
+            !l.request("vm", "primary", ttl, Successor::Any, t + ms(10_000))
+                .granted
+        );
+        assert!(
+            l.request("vm", "backup", ttl, Successor::Nobody, t + ms(10_001))
+                .granted
+        );
     }
 }

@@ -11,6 +11,11 @@ use understudy_transport::Endpoint;
 use understudy_vmm::state::DEFAULT_STATE_LIMIT;
 use understudy_vmm::{GuestMemory, OutputGate, Vm, VmState};
 
+use understudy_primary::{
+    keep_lease, protect_running, Guard, Keeper, LeaseSource, PrimaryError, Succession, Summary,
+};
+use understudy_protocol::Successor;
+
 use crate::session::{BackupError, Held};
 use crate::BackupConfig;
 
@@ -41,7 +46,8 @@ async fn win_lease(
             lease = connect(cfg, endpoint).await;
         }
         if let Some(l) = &mut lease {
-            match l.request(cfg.lease_ttl).await {
+            // A promoted VM has no successor until it is protected again.
+            match l.request(cfg.lease_ttl, &Successor::Nobody).await {
                 Ok(s) if s.granted => return lease.map(|l| (l, s)),
                 Ok(s) => {
                     info!(holder = %s.holder, remaining_ms = s.remaining.as_millis() as u64,
@@ -60,7 +66,7 @@ async fn win_lease(
     None
 }
 
-fn promote(held: &Held) -> Result<(Vm, u64), String> {
+fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64), String> {
     let h = held.lock().unwrap_or_else(|e| e.into_inner());
     if !h.promotable() {
         return Err(format!(
@@ -73,8 +79,9 @@ fn promote(held: &Held) -> Result<(Vm, u64), String> {
     let fds = h.image.memory().clone_fds().map_err(|e| e.to_string())?;
     let memory = GuestMemory::from_fds(&state.regions, fds, false).map_err(|e| e.to_string())?;
     let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
-    let vm = Vm::restore(memory, &state, gate, false, false).map_err(|e| e.to_string())?;
-    Ok((vm, epoch))
+    let vm = Vm::restore(memory, &state, Arc::clone(&gate), dirty_logging, false)
+        .map_err(|e| e.to_string())?;
+    Ok((vm, gate, epoch))
 }
 
 /// Fails over: lease, promotion, then runs the VM (keeping the lease) until stopped.
@@ -90,7 +97,7 @@ pub(crate) async fn take_over(
         warn!("no --witness configured: this backup never promotes; the image is kept");
         return Ok(());
     }
-    let Some((mut lease, mut state)) = win_lease(cfg, endpoint, &stop).await else {
+    let Some((lease, state)) = win_lease(cfg, endpoint, &stop).await else {
         error!("could not win the VM's lease; not promoting (another node may run the VM)");
         metrics::counter!("understudy_promotions_total", "reason" => "lease_refused").increment(1);
         return Ok(());
@@ -109,14 +116,21 @@ pub(crate) async fn take_over(
     }
     let t = Instant::now();
     let held2 = Arc::clone(&held);
-    let (vm, epoch) = match tokio::task::spawn_blocking(move || promote(&held2)).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            error!(error = %e, "promotion failed");
-            return Err(BackupError::Promote(e));
-        }
-        Err(e) => return Err(BackupError::Promote(e.to_string())),
-    };
+    let reprotect = cfg
+        .protect_to
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let logging = reprotect.is_some();
+    let (vm, gate, epoch) =
+        match tokio::task::spawn_blocking(move || promote(&held2, logging)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                error!(error = %e, "promotion failed");
+                return Err(BackupError::Promote(e));
+            }
+            Err(e) => return Err(BackupError::Promote(e.to_string())),
+        };
     let promotion = t.elapsed();
     metrics::counter!("understudy_promotions_total", "reason" => "primary_failed").increment(1);
     metrics::histogram!("understudy_promotion_seconds").record(promotion.as_secs_f64());
@@ -127,32 +141,92 @@ pub(crate) async fn take_over(
         "promoted: the VM runs here from the last committed epoch"
     );
 
-    // Keep the lease while the VM runs; stop the guest before our view of it ends.
-    let mut vm = vm;
-    let renew_every = cfg.lease_ttl / 3;
+    // Keep the lease while the VM runs: renewals name the successor the protection loop wants
+    // (nobody until a new backup holds a consistent epoch), and the guest is stopped when our
+    // view of the lease ends while no backup is heard from either.
+    let fenced = Arc::new(AtomicBool::new(false));
+    let succession = Succession::new(Successor::Nobody, true);
+    succession.confirm(Successor::Nobody);
+    // Never updated unless re-protecting: then a silent new backup counts like a primary's.
+    let backup_heard = Arc::new(std::sync::Mutex::new(
+        Instant::now()
+            .checked_sub(cfg.failure_timeout)
+            .unwrap_or_else(Instant::now),
+    ));
+    let keeper = tokio::spawn(keep_lease(
+        LeaseSource {
+            endpoint: endpoint.clone(),
+            witness: cfg.witness.expect("checked above"),
+            vm_id: cfg.vm_id.clone(),
+            margin: Duration::from_millis(100),
+        },
+        lease,
+        state,
+        Keeper {
+            ttl: cfg.lease_ttl,
+            failure_timeout: cfg.failure_timeout,
+            backup_heard: Arc::clone(&backup_heard),
+            fenced: Arc::clone(&fenced),
+            succession: Arc::clone(&succession),
+        },
+    ));
+    // Re-protection: the promoted VM becomes a primary for a new backup.
+    let mut running = match reprotect {
+        None => Running::Here(vm),
+        Some(pcfg) => {
+            info!(backup = %pcfg.backup, "re-protecting the promoted VM with a new backup");
+            let guard = Guard {
+                stop: Arc::clone(&stop),
+                fenced: Arc::clone(&fenced),
+                backup_heard: Arc::clone(&backup_heard),
+                succession: Arc::clone(&succession),
+            };
+            Running::Protected(tokio::spawn(async move {
+                protect_running(vm, gate, &pcfg, guard).await
+            }))
+        }
+    };
+
     while !stop.load(Ordering::SeqCst) {
-        tokio::time::sleep(renew_every).await;
-        if let Some(r) = vm.exit_reason() {
-            info!(reason = ?r, "the promoted guest stopped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if fenced.load(Ordering::SeqCst) {
+            if let Running::Here(vm) = &mut running {
+                let _ = tokio::task::block_in_place(|| vm.pause());
+                error!("fenced: the lease could not be renewed; the guest is paused");
+            }
             break;
         }
-        match lease.request(cfg.lease_ttl).await {
-            Ok(s) if s.granted => state = s,
-            Ok(s) => warn!(holder = %s.holder, "the witness gave the lease to another node"),
-            Err(e) => {
-                warn!(error = %e, "lease renewal failed");
-                if let Some(l) = connect(cfg, endpoint).await {
-                    lease = l;
+        match &running {
+            Running::Here(vm) => {
+                if let Some(r) = vm.exit_reason() {
+                    info!(reason = ?r, "the promoted guest stopped");
+                    break;
+                }
+            }
+            Running::Protected(task) => {
+                if task.is_finished() {
+                    break;
                 }
             }
         }
-        if Instant::now() >= state.valid_until {
-            let _ = tokio::task::block_in_place(|| vm.pause());
-            error!("fenced: the lease could not be renewed; the guest is paused");
-            metrics::counter!("understudy_fenced_total").increment(1);
-            break;
+    }
+    keeper.abort();
+    if let Running::Protected(task) = running {
+        match task.await {
+            Ok(Ok((_vm, summary))) => info!(
+                sessions = summary.sessions,
+                last_acked = summary.last_acked,
+                "the promoted VM's protection ended"
+            ),
+            Ok(Err(e)) => error!(error = %e, "the promoted VM's protection ended"),
+            Err(e) => error!(error = %e, "the promoted VM's protection task failed"),
         }
     }
-    drop(vm);
     Ok(())
+}
+
+/// The promoted VM: run here alone, or handed to a protection loop (re-protection).
+enum Running {
+    Here(Vm),
+    Protected(tokio::task::JoinHandle<Result<(Vm, Summary), PrimaryError>>),
 }

@@ -51,4 +51,6 @@ pub struct BackupConfig {
     pub witness: Option<std::net::SocketAddr>,
     /// Lease length asked of the witness.
     pub lease_ttl: Duration,
+    /// After a promotion, protect the VM with this backup (re-protection); taken once.
+    pub protect_to: std::sync::Mutex<Option<understudy_primary::PrimaryConfig>>,
 }

@@ -111,21 +111,28 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
         warn!(error = %e, "could not prepare KVM; a promotion would fail");
     }
     info!(addr = %cfg.listen, vm = %cfg.vm_id, "backup listening");
+    metrics::gauge!("understudy_role", "role" => "backup").set(1.0);
+    metrics::gauge!("understudy_peer_connected").set(0.0);
     while !stop.load(Ordering::SeqCst) {
-        let accepted = tokio::select! {
-            a = endpoint.accept() => a,
+        // Only the wait for an attempt sits next to the timer: a handshake cut off by it would
+        // leave the primary waiting for an answer that never comes.
+        let incoming = tokio::select! {
+            a = endpoint.accept_incoming() => a,
             _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
         };
-        let conn = match accepted {
-            None => break,
-            Some(Err(e)) => {
+        let Some(incoming) = incoming else { break };
+        let conn = match incoming.handshake().await {
+            Err(e) => {
                 warn!(error = %e, "refused a connection; nothing applied");
                 continue;
             }
-            Some(Ok(conn)) => conn,
+            Ok(conn) => conn,
         };
         info!(peer = conn.peer_name(), addr = %conn.remote_address(), "primary connected");
-        match serve(&cfg, &conn).await {
+        metrics::gauge!("understudy_peer_connected").set(1.0);
+        let served = serve(&cfg, &conn).await;
+        metrics::gauge!("understudy_peer_connected").set(0.0);
+        match served {
             Ok(Ended::Goodbye(held)) => {
                 info!(peer = conn.peer_name(), "session ended");
                 if let Some(dir) = &cfg.dump_dir {
@@ -236,7 +243,22 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         }
         Err(e) => return Err(SessionError::Protocol(format!("undecodable Hello: {e}"))),
     };
-    let answer = answer_hello(&hello, &LocalEnd::new(cfg.vm_id.clone()));
+    let mut answer = answer_hello(&hello, &LocalEnd::new(cfg.vm_id.clone()));
+    // The image is ready before the Welcome: the primary's clocks (heartbeats, the in-flight
+    // window) start at the Welcome, and allocating a large image takes a while.
+    let image = match answer {
+        Message::Welcome(_) => match HotImage::new(&hello.layout) {
+            Ok(image) => Some(image),
+            Err(e) => {
+                answer = Message::Reject(understudy_protocol::Reject {
+                    code: understudy_protocol::RejectCode::Layout,
+                    reason: format!("the backup cannot hold this memory layout: {e}"),
+                });
+                None
+            }
+        },
+        _ => None,
+    };
     let _ = messages::send(&mut tx, &answer).await;
     let version = match answer {
         Message::Welcome(w) => w.version,
@@ -248,7 +270,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         }
         _ => unreachable!("answer_hello returns Welcome or Reject"),
     };
-    let image = HotImage::new(&hello.layout).map_err(|e| SessionError::Refused(e.to_string()))?;
+    let image = image.expect("a Welcome comes with an image");
     let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;
     let held: Held = Arc::new(Mutex::new(Replicated {
         image,
@@ -305,13 +327,27 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     };
 
     // Control frames through a channel: `read_frame` is not cancel-safe, so it must not sit in
-    // the session loop's `select!` next to a timer.
+    // the session loop's `select!` next to a timer. The reader also answers heartbeats and
+    // notes when the primary was last heard, so that a long apply in the session loop is
+    // neither mistaken for the primary's silence nor delays its replies.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Result<Message, SessionError>>(16);
+    let heard = Arc::new(Mutex::new(Instant::now()));
     let control_reader = {
         let limits = limits.clone();
+        let heard = Arc::clone(&heard);
+        let out = out_tx.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match rx.read_frame().await {
+                let frame = rx.read_frame().await;
+                *heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                if let Ok(Some(f)) = &frame {
+                    if let Ok(Message::Heartbeat(h)) = messages::decode(f, &limits) {
+                        let now = now_unix_ns() as u64;
+                        let _ = out.send(Message::Heartbeat(Heartbeat::reply(&h, now, now)));
+                        continue;
+                    }
+                }
+                let msg = match frame {
                     Ok(Some(f)) => messages::decode(&f, &limits).map_err(|e| {
                         SessionError::Protocol(format!(
                             "undecodable control message ({} bytes): {e}",
@@ -335,6 +371,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         &held,
         &mut unreleased,
         Links {
+            heard: &heard,
             control: &mut ctl_rx,
             chunks: &mut chunk_rx,
             acks: &ack_tx,
@@ -361,6 +398,8 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
 
 /// The session loop's channels.
 struct Links<'a> {
+    /// When the control stream last delivered anything.
+    heard: &'a Mutex<Instant>,
     /// Decoded control messages from the primary.
     control: &'a mut mpsc::Receiver<Result<Message, SessionError>>,
     /// Decoded, verified chunks.
@@ -379,20 +418,19 @@ async fn session_loop(
     links: Links<'_>,
 ) -> Result<(), SessionError> {
     let Links {
+        heard,
         control,
         chunks,
         acks,
         out,
     } = links;
     let mut committed = 0u64;
-    let mut last_heard = Instant::now();
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
     let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
     loop {
         tokio::select! {
             msg = control.recv() => {
                 let msg = msg.ok_or_else(|| SessionError::Link("control reader ended".into()))?;
-                last_heard = Instant::now();
                 match msg {
                     Ok(Message::Commit(c)) => {
                         let expected = committed + 1 + commits.len() as u64;
@@ -438,7 +476,8 @@ async fn session_loop(
             }
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
-        let silence = last_heard.elapsed();
+        let silence = heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+        metrics::gauge!("understudy_heartbeat_age_seconds").set(silence.as_secs_f64());
         if silence > cfg.failure_timeout {
             return Err(SessionError::PrimaryLost { silence });
         }
@@ -490,6 +529,11 @@ async fn session_loop(
                 Err(e) => {
                     metrics::counter!("understudy_epochs_total", "outcome" => "refused")
                         .increment(1);
+                    if matches!(e, understudy_protocol::ApplyError::Digest { .. }) {
+                        // Ending the session makes the primary reconnect with a full sync.
+                        metrics::counter!("understudy_digest_mismatches_total").increment(1);
+                        error!(epoch, error = %e, "image digest mismatch: nothing of the epoch applied; the primary must resync");
+                    }
                     return Err(SessionError::Apply {
                         epoch,
                         reason: e.to_string(),

@@ -1,7 +1,7 @@
 //! The capture thread: full-sync reads while the guest runs, then one paused capture per epoch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -81,11 +81,71 @@ impl PageMap {
     }
 }
 
+/// Staging buffers larger than this are freed after use rather than kept.
+const MAX_KEPT_STAGING: usize = 8192 * PAGE_SIZE;
+
+/// Reusable staging buffers for captured pages.
+///
+/// Copying dirty pages into a fresh allocation page-faults on every page of it, inside the
+/// pause (it was three quarters of the capture time at ~2k pages per epoch). Buffers come back
+/// here when their epoch has been encoded and keep their pages mapped, so a capture copies into
+/// memory that is already faulted in.
+#[derive(Clone, Default)]
+pub(crate) struct StagingPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl StagingPool {
+    /// A buffer of at least `len` bytes; only growth beyond earlier epochs faults new pages.
+    fn take(&self, len: usize) -> Staging {
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Staging {
+            buf,
+            len,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A staging buffer; the first `len` bytes are the epoch's pages. Returns to its pool on drop.
+pub(crate) struct Staging {
+    buf: Vec<u8>,
+    len: usize,
+    pool: StagingPool,
+}
+
+impl Staging {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut pool = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        // In-flight epochs bound how many buffers exist; keep a few spare, free the rest, and
+        // do not keep the full sync's big batches around.
+        if pool.len() < 4 && buf.len() <= MAX_KEPT_STAGING {
+            pool.push(buf);
+        }
+    }
+}
+
 /// One epoch's pages, copied out of the guest, waiting to be encoded.
 pub(crate) struct Captured {
     pub epoch: u64,
     pub indices: Vec<u32>,
-    pub pages: Vec<u8>,
+    pub pages: Staging,
     /// The VM state blob; empty for full-sync epochs (not a consistent checkpoint).
     pub state: Vec<u8>,
     pub captured_at: Instant,
@@ -100,11 +160,19 @@ pub(crate) struct CaptureCtl {
     pub sync_batch: u32,
     pub slots: Arc<Semaphore>,
     pub out: mpsc::Sender<Captured>,
+    /// Stop gracefully: the next epoch is the last and leaves the guest paused.
     pub stop: Arc<AtomicBool>,
+    /// The session is over (the backup or the link failed): return at once.
+    pub abort: Arc<AtomicBool>,
+    /// Fenced: return at once; the caller stops the guest.
+    pub fenced: Arc<AtomicBool>,
+    /// Output gate epoch = `gate_base` + protocol epoch.
+    pub gate_base: u64,
     pub stop_after: u64,
     pub runtime: tokio::runtime::Handle,
     pub progress_bar: bool,
     pub kill_at: Option<crate::KillAt>,
+    pub staging: StagingPool,
 }
 
 /// How the capture thread ended.
@@ -115,15 +183,18 @@ pub(crate) struct CaptureEnd {
     pub last_state: Vec<u8>,
 }
 
-/// Waits for a free in-flight slot; gives up when stopped or when the slots are closed (the
-/// link to the backup is gone).
+/// Waits for a free in-flight slot; gives up when the session is aborted, the slots are closed
+/// (the link to the backup is gone) or this primary is fenced.
 fn take_slot(ctl: &CaptureCtl) -> Result<OwnedSemaphorePermit, PrimaryError> {
     loop {
-        if ctl.stop.load(Ordering::SeqCst) {
+        if ctl.fenced.load(Ordering::SeqCst) {
+            return Err(PrimaryError::Fenced);
+        }
+        if ctl.abort.load(Ordering::SeqCst) {
             return Err(PrimaryError::Stopped);
         }
         let wait = tokio::time::timeout(
-            Duration::from_millis(100),
+            Duration::from_millis(10),
             Arc::clone(&ctl.slots).acquire_owned(),
         );
         match ctl.runtime.block_on(wait) {
@@ -131,6 +202,17 @@ fn take_slot(ctl: &CaptureCtl) -> Result<OwnedSemaphorePermit, PrimaryError> {
             Ok(Err(_closed)) => return Err(PrimaryError::Stopped),
             Err(_timeout) => continue,
         }
+    }
+}
+
+/// [`take_slot`]; when fenced, stops the guest here and now, before returning.
+fn take_slot_or_fence(vm: &mut Vm, ctl: &CaptureCtl) -> Result<OwnedSemaphorePermit, PrimaryError> {
+    match take_slot(ctl) {
+        Err(PrimaryError::Fenced) => {
+            vm.pause()?;
+            Err(PrimaryError::Fenced)
+        }
+        r => r,
     }
 }
 
@@ -154,11 +236,14 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     let mut epoch = 0u64;
     let mut last_report = Instant::now();
     for first in (0..total).step_by(batch as usize) {
-        let slot = take_slot(ctl)?;
+        let slot = take_slot_or_fence(vm, ctl)?;
         let n = batch.min(total - first);
-        let mut pages = vec![0u8; n as usize * PAGE_SIZE];
+        let mut pages = ctl.staging.take(n as usize * PAGE_SIZE);
         let indices: Vec<u32> = (first..first + n).collect();
-        for (i, buf) in indices.iter().zip(pages.chunks_exact_mut(PAGE_SIZE)) {
+        for (i, buf) in indices
+            .iter()
+            .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
+        {
             let gpa = ctl.map.gpa_of(*i).expect("index below total");
             vm.memory().read(gpa, buf)?;
         }
@@ -207,7 +292,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     let mut deadline = Instant::now() + ctl.epoch_len;
     let mut previous = Instant::now();
     loop {
-        let slot = take_slot(ctl)?;
+        let slot = take_slot_or_fence(vm, ctl)?;
         let now = Instant::now();
         if deadline > now {
             std::thread::sleep(deadline - now);
@@ -221,8 +306,11 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         crate::KillAt::check(ctl.kill_at, crate::KillPhase::Capture, epoch + 1);
         let count = dirty.count();
         let mut indices = Vec::with_capacity(count);
-        let mut pages = vec![0u8; count * PAGE_SIZE];
-        for (gpa, buf) in dirty.pages().zip(pages.chunks_exact_mut(PAGE_SIZE)) {
+        let mut pages = ctl.staging.take(count * PAGE_SIZE);
+        for (gpa, buf) in dirty
+            .pages()
+            .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
+        {
             indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
             vm.memory().read(gpa, buf)?;
         }
@@ -237,7 +325,11 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         let pause = t0.elapsed();
         epoch += 1;
         consistent += 1;
-        debug_assert_eq!(sealed, epoch, "console epochs follow protocol epochs");
+        debug_assert_eq!(
+            sealed,
+            ctl.gate_base + epoch,
+            "console epochs follow protocol epochs"
+        );
         metrics::histogram!("understudy_pause_seconds").record(pause.as_secs_f64());
         metrics::histogram!("understudy_dirty_pages").record(count as f64);
         metrics::gauge!("understudy_epoch_interval_seconds").set((t0 - previous).as_secs_f64());

@@ -21,6 +21,7 @@
 
 mod capture;
 mod journal;
+mod lease;
 mod session;
 
 use std::net::SocketAddr;
@@ -28,7 +29,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use capture::PageMap;
-pub use session::{run, PrimaryError, Summary};
+pub use lease::{keep_lease, Keeper, LeaseSource, Succession};
+pub use session::{protect_running, run, Guard, OnBackupLoss, PrimaryError, Summary};
 use understudy_transport::TlsFiles;
 use understudy_vmm::guests::Workload;
 use understudy_vmm::RegionSpec;
@@ -63,7 +65,7 @@ pub struct PrimaryConfig {
     /// Pages per full-sync epoch.
     pub sync_batch_pages: u32,
     /// Where released console bytes go.
-    pub console: Box<dyn std::io::Write + Send>,
+    pub console: Box<dyn std::io::Write + Send + Sync>,
     /// Test knob: a JSON line per output release (epoch, bytes, time).
     pub release_journal: Option<PathBuf>,
     /// Stop after this many consistent epochs (0 = run until stopped).
@@ -82,6 +84,10 @@ pub struct PrimaryConfig {
     pub lease_ttl: Duration,
     /// Test knob (drills): SIGKILL this process at a phase of a consistent epoch.
     pub kill_at: Option<KillAt>,
+    /// What to do with the guest while no backup protects it.
+    pub on_backup_loss: OnBackupLoss,
+    /// How often to try to reach the backup again after losing it.
+    pub reconnect_interval: Duration,
 }
 
 /// Where in an epoch a drill kills the primary.

@@ -11,17 +11,20 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, warn};
 use understudy_protocol::{
     DirtyPage, EncoderConfig, EncoderState, Goodbye, GoodbyeReason, Heartbeat, Hello, Limits,
-    Message, Mode, Page, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+    Message, Mode, Page, Successor, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use understudy_transport::lease::{LeaseBackend, LeaseState, WitnessLease};
+use understudy_transport::lease::LeaseBackend;
 use understudy_transport::messages;
 use understudy_transport::{
     Connection, Endpoint, FrameReader, FrameSender, Identity, TransportOptions,
 };
 use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, VmError};
 
-use crate::capture::{capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap};
+use crate::capture::{
+    capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap, StagingPool,
+};
 use crate::journal::Journal;
+use crate::lease::{keep_lease, Keeper, LeaseSource, Succession};
 use crate::{KillAt, KillPhase, PrimaryConfig};
 
 /// Why protection stopped.
@@ -57,11 +60,15 @@ pub enum PrimaryError {
     GuestStopped(understudy_vmm::ExitReason),
     #[error("protection was stopped")]
     Stopped,
+    #[error("fenced: cut off from the witness and the backup, the guest was stopped so that the backup can take over")]
+    Fenced,
 }
 
 /// What a finished session did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Summary {
+    /// Sessions with a backup (more than one after reconnecting).
+    pub sessions: u64,
     pub sync_epochs: u64,
     pub last_epoch: u64,
     pub last_acked: u64,
@@ -94,7 +101,7 @@ fn encoder_thread(
         let dirty: Vec<DirtyPage<'_>> = c
             .indices
             .iter()
-            .zip(c.pages.chunks_exact(PAGE_SIZE))
+            .zip(c.pages.bytes().chunks_exact(PAGE_SIZE))
             .map(|(&index, data)| DirtyPage {
                 index,
                 data: <&Page>::try_from(data).expect("PAGE_SIZE chunks"),
@@ -201,10 +208,17 @@ struct AckCtx {
     in_flight: Arc<Mutex<InFlight>>,
     last_acked: Arc<AtomicU64>,
     gate: Arc<OutputGate>,
-    journal: Journal,
+    /// Gate epoch = `gate_base` + protocol epoch.
+    gate_base: u64,
+    journal: Arc<Mutex<Journal>>,
     sync: u64,
     backup_heard: Arc<Mutex<Instant>>,
     kill_at: Option<KillAt>,
+    /// The clock heartbeats are stamped with.
+    clock: Instant,
+    succession: Arc<Succession>,
+    /// The backup's certificate name: our successor once it holds a consistent epoch.
+    peer: String,
 }
 
 async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
@@ -213,12 +227,16 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
         in_flight,
         last_acked,
         gate,
+        gate_base,
         journal,
         sync,
         backup_heard,
         kill_at,
+        clock,
+        succession,
+        peer,
     } = cx;
-    let (sync, kill_at) = (*sync, *kill_at);
+    let (sync, kill_at, gate_base, clock) = (*sync, *kill_at, *gate_base, *clock);
     let limits = Limits::default();
     loop {
         let frame: understudy_transport::Bytes = match rx.read_frame().await {
@@ -240,10 +258,26 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     metrics::gauge!("understudy_replication_lag_seconds").set(latency);
                 }
                 if a.epoch > sync {
+                    if last_acked.load(Ordering::SeqCst) <= sync {
+                        info!(
+                            epoch = a.epoch,
+                            "PROTECTED: the backup committed our first consistent epoch"
+                        );
+                        metrics::gauge!("understudy_protected").set(1.0);
+                        succession.want(Successor::Only(peer.clone()));
+                    }
                     KillAt::check(kill_at, KillPhase::Ack, a.epoch);
                     let at = Journal::now();
-                    let n = gate.release(a.epoch).unwrap_or(0);
-                    journal.record(a.epoch, n, at);
+                    if let (_, Some(oldest)) = gate.held() {
+                        metrics::histogram!("understudy_output_hold_seconds")
+                            .record(oldest.as_secs_f64());
+                    }
+                    let n = gate.release(gate_base + a.epoch).unwrap_or(0);
+                    metrics::gauge!("understudy_output_held_bytes").set(gate.held().0 as f64);
+                    journal
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(a.epoch, n, at);
                     // An Ack from the primary means "E's output is released": on promotion the
                     // backup emits only the committed output past it.
                     let _ = messages::send(&mut *tx.lock().await, &Message::Ack(a)).await;
@@ -254,8 +288,9 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
             }
             Ok(Message::Heartbeat(h)) => {
                 *backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-                metrics::gauge!("understudy_heartbeat_age_seconds").set(0.0);
-                let _ = h;
+                if let Some(rtt) = h.rtt_ns(clock.elapsed().as_nanos() as u64) {
+                    metrics::gauge!("understudy_heartbeat_rtt_seconds").set(rtt as f64 / 1e9);
+                }
             }
             Ok(Message::Goodbye(g)) => {
                 return Err(PrimaryError::Link(format!(
@@ -274,57 +309,21 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
     }
 }
 
-/// Renews the VM's lease; when it runs out while the backup is silent too (cut off from both
-/// other votes), stops the guest before the witness can hand the lease on.
-async fn keep_lease(
-    mut lease: WitnessLease,
-    mut state: LeaseState,
-    ttl: Duration,
-    failure_timeout: Duration,
-    backup_heard: Arc<Mutex<Instant>>,
-    stop: Arc<AtomicBool>,
-) {
-    let endpoint_lost = |l: &WitnessLease| l.connection().close_reason().is_some();
-    loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if state.valid_until.saturating_duration_since(Instant::now()) < ttl * 2 / 3
-            && !endpoint_lost(&lease)
-        {
-            match lease.request(ttl).await {
-                Ok(s) if s.granted => state = s,
-                Ok(s) => warn!(holder = %s.holder, "the witness refused to renew our lease"),
-                Err(e) => warn!(error = %e, "lease renewal failed"),
-            }
-        }
-        let expired = Instant::now() >= state.valid_until;
-        let backup_silent = backup_heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            > failure_timeout / 2;
-        if expired && backup_silent {
-            error!("fenced: cut off from the witness and the backup; stopping the guest");
-            metrics::counter!("understudy_fenced_total").increment(1);
-            stop.store(true, Ordering::SeqCst);
-            return;
-        }
-    }
+/// An accepted session with a backup: the connection and its control stream.
+struct Link {
+    conn: Connection,
+    tx: FrameSender,
+    rx: FrameReader,
+    version: u16,
 }
 
-/// Protects a guest until it stops, the session is stopped, or `stop_after_epochs` is reached.
-pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, PrimaryError> {
+/// Connects to the backup and says hello; returns the accepted link.
+async fn open_link(
+    endpoint: &Endpoint,
+    cfg: &PrimaryConfig,
+    map: &PageMap,
+) -> Result<Link, PrimaryError> {
     let limits = Limits::default();
-    let identity = Identity::load(&cfg.tls).map_err(PrimaryError::Identity)?;
-    let bind: SocketAddr = if cfg.backup.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let endpoint = Endpoint::client(bind, &identity, &TransportOptions::default())
-        .map_err(PrimaryError::Bind)?;
     let conn = endpoint
         .connect(cfg.backup, &cfg.backup_name)
         .await
@@ -338,7 +337,6 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         .await
         .map_err(|e| PrimaryError::Link(e.to_string()))?;
     let (mut tx, mut rx) = control.split();
-    let map = PageMap::new(&cfg.regions);
     let hello = Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
@@ -366,62 +364,117 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         other => return Err(PrimaryError::Protocol(format!("{:?}", other.kind()))),
     };
     info!(version, vm = %cfg.vm_id, "backup accepted the session");
-    let tx = Arc::new(tokio::sync::Mutex::new(tx));
-    let backup_heard = Arc::new(Mutex::new(Instant::now()));
+    metrics::gauge!("understudy_peer_connected").set(1.0);
+    Ok(Link {
+        conn,
+        tx,
+        rx,
+        version,
+    })
+}
 
-    // Fencing: hold the VM's lease while the guest runs.
+/// What a primary does when it loses its backup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBackupLoss {
+    /// Keep the guest running unprotected (output is no longer held back) and reconnect.
+    #[default]
+    Continue,
+    /// Pause the guest until a backup is protecting it again.
+    Pause,
+}
+
+/// State that outlives one session with a backup.
+struct Shared {
+    map: PageMap,
+    gate: Arc<OutputGate>,
+    sync: u64,
+    stop: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
+    backup_heard: Arc<Mutex<Instant>>,
+    succession: Arc<Succession>,
+    journal: Arc<Mutex<Journal>>,
+    staging: StagingPool,
+    totals: Arc<Totals>,
+    clock: Instant,
+}
+
+/// How one session ended (the VM is handed back in every case).
+enum SessionEnd {
+    /// Stopped on request (or after `stop_after_epochs`): the guest is paused at `end`.
+    Finished(CaptureEnd),
+    /// The backup or the link failed; the guest is running.
+    Lost(PrimaryError),
+}
+
+fn client_endpoint(cfg: &PrimaryConfig) -> Result<Endpoint, PrimaryError> {
+    let identity = Identity::load(&cfg.tls).map_err(PrimaryError::Identity)?;
+    let bind: SocketAddr = if cfg.backup.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    Endpoint::client(bind, &identity, &TransportOptions::default()).map_err(PrimaryError::Bind)
+}
+
+/// Boots the guest and protects it until it stops, the primary is stopped, or
+/// `stop_after_epochs` is reached. When the backup is lost, the guest runs on unprotected (or
+/// pauses, per `on_backup_loss`) while this end reconnects; a new session starts with a full
+/// sync.
+pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, PrimaryError> {
+    metrics::gauge!("understudy_role", "role" => "primary").set(1.0);
+    metrics::gauge!("understudy_protected").set(0.0);
+    metrics::gauge!("understudy_peer_connected").set(0.0);
+    let endpoint = client_endpoint(&cfg)?;
+    let map = PageMap::new(&cfg.regions);
+    // The first backup must be there: a primary that starts unprotected by mistake is worse
+    // than one that says so and exits.
+    let first = open_link(&endpoint, &cfg, &map).await?;
+    let backup_heard = Arc::new(Mutex::new(Instant::now()));
+    let fenced = Arc::new(AtomicBool::new(false));
+
+    // Fencing: hold the VM's lease while the guest runs, naming this backup as successor.
+    let successor = Successor::Only(first.conn.peer_name().to_string());
+    let succession = Succession::new(successor.clone(), cfg.witness.is_some());
     let lease_task = match cfg.witness {
         None => tokio::spawn(async {}),
         Some(addr) => {
-            let mut lease = WitnessLease::connect(&endpoint, addr, "witness", &cfg.vm_id)
+            let src = LeaseSource {
+                endpoint: endpoint.clone(),
+                witness: addr,
+                vm_id: cfg.vm_id.clone(),
+                margin: Duration::from_millis(100),
+            };
+            let mut lease = src.connect().await.map_err(PrimaryError::Lease)?;
+            let granted = lease
+                .request(cfg.lease_ttl, &successor)
                 .await
                 .map_err(|e| PrimaryError::Lease(e.to_string()))?;
-            lease.margin = Duration::from_millis(100);
-            let first = lease
-                .request(cfg.lease_ttl)
-                .await
-                .map_err(|e| PrimaryError::Lease(e.to_string()))?;
-            if !first.granted {
+            if !granted.granted {
                 return Err(PrimaryError::Lease(format!(
                     "{} holds the VM's lease; is the VM already running there?",
-                    first.holder
+                    granted.holder
                 )));
             }
-            info!(witness = %addr, "holding the VM's lease");
+            info!(witness = %addr, successor = ?successor, "holding the VM's lease");
+            succession.confirm(successor);
             tokio::spawn(keep_lease(
+                src,
                 lease,
-                first,
-                cfg.lease_ttl,
-                cfg.failure_timeout,
-                Arc::clone(&backup_heard),
-                Arc::clone(&stop),
+                granted,
+                Keeper {
+                    ttl: cfg.lease_ttl,
+                    failure_timeout: cfg.failure_timeout,
+                    backup_heard: Arc::clone(&backup_heard),
+                    fenced: Arc::clone(&fenced),
+                    succession: Arc::clone(&succession),
+                },
             ))
         }
     };
-    let heartbeats = {
-        let tx = Arc::clone(&tx);
-        let every = cfg.heartbeat_interval;
-        tokio::spawn(async move {
-            let started = Instant::now();
-            loop {
-                tokio::time::sleep(every).await;
-                let hb = Heartbeat {
-                    sent_ns: started.elapsed().as_nanos() as u64,
-                    echo_ns: 0,
-                    hold_ns: 0,
-                };
-                if messages::send(&mut *tx.lock().await, &Message::Heartbeat(hb))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        })
-    };
+    let _lease_guard = AbortOnDrop(lease_task);
 
-    let sync = sync_epochs(map.total(), cfg.sync_batch_pages);
-    let gate = OutputGate::gated(cfg.console, sync + 1);
+    let console = std::mem::replace(&mut cfg.console, Box::new(std::io::sink()));
+    let gate = OutputGate::gated(console, 1);
     let vm_config = VmConfig {
         regions: cfg.regions.clone(),
         vcpus: cfg.vcpus,
@@ -429,7 +482,7 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     };
     let workload = cfg.workload.clone();
     let gate_for_vm = Arc::clone(&gate);
-    let mut vm = tokio::task::spawn_blocking(move || {
+    let vm = tokio::task::spawn_blocking(move || {
         Vm::boot(&vm_config, Boot::Workload(&workload), gate_for_vm)
     })
     .await
@@ -439,41 +492,372 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         pages = map.total(),
         "guest running; full sync starts"
     );
+    let (_vm, summary) = protect(
+        vm,
+        gate,
+        Some(first),
+        &endpoint,
+        &cfg,
+        Guard {
+            stop,
+            fenced,
+            backup_heard,
+            succession,
+        },
+    )
+    .await?;
+    Ok(summary)
+}
 
+/// The flags that stop a protected VM, and when the backup was last heard (for fencing).
+pub struct Guard {
+    /// Stop gracefully (Ctrl-C, SIGTERM).
+    pub stop: Arc<AtomicBool>,
+    /// Set by whoever holds the VM's lease when it is lost: the guest is stopped at once.
+    pub fenced: Arc<AtomicBool>,
+    /// Updated whenever the backup is heard from.
+    pub backup_heard: Arc<Mutex<Instant>>,
+    /// Who the lease names as successor (set here, confirmed by the lease keeper).
+    pub succession: Arc<Succession>,
+}
+
+/// Protects a VM that already runs (a promoted backup protecting itself with a new backup):
+/// its memory, vCPUs and console continue; a full sync to the backup at `cfg.backup`, then
+/// epochs, reconnecting like a primary. `cfg.workload`, `regions` and `vcpus` are not used.
+/// The lease stays with the caller, which sets `guard.fenced` if it loses it.
+pub async fn protect_running(
+    vm: Vm,
+    gate: Arc<OutputGate>,
+    cfg: &PrimaryConfig,
+    guard: Guard,
+) -> Result<(Vm, Summary), PrimaryError> {
+    metrics::gauge!("understudy_protected").set(0.0);
+    let endpoint = client_endpoint(cfg)?;
+    protect(vm, gate, None, &endpoint, cfg, guard).await
+}
+
+/// Sessions with backups, one after another, with unprotected stretches between them.
+async fn protect(
+    mut vm: Vm,
+    gate: Arc<OutputGate>,
+    mut link: Option<Link>,
+    endpoint: &Endpoint,
+    cfg: &PrimaryConfig,
+    guard: Guard,
+) -> Result<(Vm, Summary), PrimaryError> {
+    let map = PageMap::new(&vm.memory().specs());
+    let sync = sync_epochs(map.total(), cfg.sync_batch_pages);
+    let journal = Journal::open(cfg.release_journal.as_deref()).map_err(PrimaryError::Dump)?;
+    let shared = Shared {
+        map,
+        gate,
+        sync,
+        stop: guard.stop,
+        fenced: guard.fenced,
+        backup_heard: guard.backup_heard,
+        succession: guard.succession,
+        journal: Arc::new(Mutex::new(journal)),
+        staging: StagingPool::default(),
+        totals: Arc::new(Totals::default()),
+        clock: Instant::now(),
+    };
+    let mut summary = Summary {
+        sync_epochs: sync,
+        ..Summary::default()
+    };
+    loop {
+        let l = match link.take() {
+            Some(l) => l,
+            None => match unprotected(&mut vm, endpoint, cfg, &shared, summary.sessions).await? {
+                Some(l) => l,
+                None => break,
+            },
+        };
+        summary.sessions += 1;
+        let (back, end, s) = session(vm, l, cfg, &shared).await;
+        vm = back;
+        summary.last_epoch = s.last_epoch;
+        summary.last_acked = s.last_acked;
+        summary.wire_bytes += s.wire_bytes;
+        match end? {
+            SessionEnd::Finished(end) => {
+                if let (Some(dir), true) = (&cfg.dump_dir, end.paused) {
+                    dump(dir, &vm, &end.last_state).map_err(PrimaryError::Dump)?;
+                    info!(dir = %dir.display(), epoch = end.last_epoch, "dumped guest memory and state");
+                }
+                break;
+            }
+            SessionEnd::Lost(cause) => {
+                if let Some(r) = vm.exit_reason() {
+                    return Err(PrimaryError::GuestStopped(r));
+                }
+                if shared.fenced.load(Ordering::SeqCst) {
+                    vm.pause()?;
+                    return Err(PrimaryError::Fenced);
+                }
+                metrics::gauge!("understudy_protected").set(0.0);
+                metrics::gauge!("understudy_peer_connected").set(0.0);
+                if shared.stop.load(Ordering::SeqCst) {
+                    warn!(error = %cause, "the backup was lost while stopping");
+                    vm.pause()?;
+                    let _ = shared.gate.open();
+                    break;
+                }
+                warn!(
+                    error = %chain(&cause),
+                    on_backup_loss = ?cfg.on_backup_loss,
+                    "UNPROTECTED: lost the backup; reconnecting"
+                );
+            }
+        }
+    }
+    summary.raw_bytes = shared.totals.raw.load(Ordering::Relaxed);
+    Ok((vm, summary))
+}
+
+/// An error with its causes, for one log line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the guest without a backup until one accepts a new session (returned), the primary
+/// is stopped (`None`), or it is fenced.
+async fn unprotected(
+    vm: &mut Vm,
+    endpoint: &Endpoint,
+    cfg: &PrimaryConfig,
+    sh: &Shared,
+    sessions: u64,
+) -> Result<Option<Link>, PrimaryError> {
+    let paused = cfg.on_backup_loss == OnBackupLoss::Pause;
+    if paused {
+        vm.pause()?;
+        warn!("guest paused until a backup protects it again (--on-backup-loss pause)");
+    }
+    // Nobody else can run this VM while we hold its lease (or without a witness, where the
+    // backup never promotes). Output held for unacknowledged epochs may go out only once no
+    // backup can take over from an image that lacks it: the witness must first confirm that
+    // nobody succeeds us. Until then the guest runs with its output held (and is fenced if the
+    // witness stays unreachable, since the backup is silent too).
+    sh.succession.want(Successor::Nobody);
+    while !sh.succession.settled() {
+        if sh.fenced.load(Ordering::SeqCst) {
+            vm.pause()?;
+            return Err(PrimaryError::Fenced);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let released = sh.gate.open().unwrap_or(0);
+    if released > 0 {
+        info!(
+            bytes = released,
+            "released console output held for unacknowledged epochs"
+        );
+    }
+    let since = Instant::now();
+    let mut attempts = 0u64;
+    loop {
+        // A VM that was never protected (re-protection) tries at once.
+        let delay = if sessions == 0 && attempts == 0 {
+            Duration::ZERO
+        } else {
+            cfg.reconnect_interval
+        };
+        let attempt = async {
+            tokio::time::sleep(delay).await;
+            open_link(endpoint, cfg, &sh.map).await
+        };
+        tokio::pin!(attempt);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut attempt => break Some(r),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            if sh.fenced.load(Ordering::SeqCst) {
+                vm.pause()?;
+                return Err(PrimaryError::Fenced);
+            }
+            if let Some(r) = vm.exit_reason() {
+                return Err(PrimaryError::GuestStopped(r));
+            }
+            if sh.stop.load(Ordering::SeqCst) {
+                break None;
+            }
+        };
+        attempts += 1;
+        match outcome {
+            None => {
+                if !paused {
+                    vm.pause()?;
+                }
+                info!("stopped while unprotected");
+                return Ok(None);
+            }
+            Some(Ok(link)) => {
+                if paused {
+                    vm.resume();
+                }
+                info!(
+                    unprotected_s = format!("{:.2}", since.elapsed().as_secs_f64()),
+                    attempts, "a backup accepted us again; re-protecting with a full sync"
+                );
+                return Ok(Some(link));
+            }
+            Some(Err(e)) => {
+                // Say why every few attempts, not on every one.
+                if attempts == 1 || attempts.is_multiple_of(10) {
+                    warn!(error = %chain(&e), attempts, "UNPROTECTED: the backup is still unreachable");
+                }
+            }
+        }
+    }
+}
+
+/// What one session did.
+#[derive(Default)]
+struct SessionStats {
+    last_epoch: u64,
+    last_acked: u64,
+    wire_bytes: u64,
+}
+
+fn heartbeat_loop(
+    tx: Arc<tokio::sync::Mutex<FrameSender>>,
+    every: Duration,
+    clock: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let hb = Heartbeat {
+                sent_ns: clock.elapsed().as_nanos() as u64,
+                echo_ns: 0,
+                hold_ns: 0,
+            };
+            if messages::send(&mut *tx.lock().await, &Message::Heartbeat(hb))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+/// Closes the connection when the backup has been silent longer than `timeout`.
+fn watchdog(
+    conn: Connection,
+    heard: Arc<Mutex<Instant>>,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let silence = heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+            metrics::gauge!("understudy_heartbeat_age_seconds").set(silence.as_secs_f64());
+            if silence > timeout {
+                conn.close(3, "backup silent");
+                return silence;
+            }
+        }
+    })
+}
+
+/// One session with a backup: full sync, then consistent epochs, until stopped or the backup
+/// is lost. Gives the VM back unless it is lost with the session (an `Err`).
+///
+/// Protocol epochs restart at 1 in every session; the output gate's epochs keep counting, so
+/// gate epoch = `base` + protocol epoch.
+async fn session(
+    mut vm: Vm,
+    link: Link,
+    cfg: &PrimaryConfig,
+    sh: &Shared,
+) -> (Vm, Result<SessionEnd, PrimaryError>, SessionStats) {
+    let Link {
+        conn,
+        tx,
+        mut rx,
+        version,
+    } = link;
+    let peer = conn.peer_name().to_string();
+    let sync = sh.sync;
+    let base = sh.gate.current_epoch().saturating_sub(1);
+    sh.gate.hold_from(base + sync + 1);
+    *sh.backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    let tx = Arc::new(tokio::sync::Mutex::new(tx));
+    let _heartbeats = AbortOnDrop(heartbeat_loop(
+        Arc::clone(&tx),
+        cfg.heartbeat_interval,
+        sh.clock,
+    ));
+    let watch = watchdog(
+        conn.clone(),
+        Arc::clone(&sh.backup_heard),
+        cfg.failure_timeout,
+    );
+    let abort = Arc::new(AtomicBool::new(false));
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    // Whatever ends this function (an error included) also ends the capture thread.
-    let _halt = Halt {
-        stop: Arc::clone(&stop),
+    // Whatever ends this function also ends the capture thread.
+    let halt = Halt {
+        stop: Arc::clone(&abort),
         slots: Arc::clone(&slots),
     };
     let (cap_tx, cap_rx) = mpsc::channel::<Captured>(cfg.max_in_flight.max(1));
     let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(cfg.max_in_flight.max(1));
-    let totals = Arc::new(Totals::default());
     let encoder = EncoderState::new(
-        map.total(),
+        sh.map.total(),
         EncoderConfig {
             version,
             ..EncoderConfig::default()
         },
     );
     let threads = cfg.encode_threads.max(1);
-    let enc_totals = Arc::clone(&totals);
-    let encoder_handle = std::thread::Builder::new()
+    let enc_totals = Arc::clone(&sh.totals);
+    let encoder_handle = match std::thread::Builder::new()
         .name("encoder".into())
         .spawn(move || encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals))
-        .map_err(|e| PrimaryError::Link(e.to_string()))?;
-
+    {
+        Ok(h) => h,
+        Err(e) => {
+            return (
+                vm,
+                Err(PrimaryError::Link(e.to_string())),
+                Default::default(),
+            )
+        }
+    };
     let ctl = CaptureCtl {
-        map: map.clone(),
+        map: sh.map.clone(),
         epoch_len: cfg.epoch,
         sync_batch: cfg.sync_batch_pages,
         slots: Arc::clone(&slots),
         out: cap_tx,
-        stop: Arc::clone(&stop),
+        stop: Arc::clone(&sh.stop),
+        abort: Arc::clone(&abort),
+        fenced: Arc::clone(&sh.fenced),
+        gate_base: base,
         stop_after: cfg.stop_after_epochs,
         runtime: tokio::runtime::Handle::current(),
         progress_bar: cfg.progress_bar,
         kill_at: cfg.kill_at,
+        staging: sh.staging.clone(),
     };
     let capture = tokio::task::spawn_blocking(move || {
         let end = capture_loop(&mut vm, &ctl);
@@ -483,26 +867,23 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     // Acks: release output, free slots, measure latency and lag.
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     let last_acked = Arc::new(AtomicU64::new(0));
-    let journal = Journal::open(cfg.release_journal.as_deref()).map_err(PrimaryError::Dump)?;
     let acks = {
-        let in_flight = Arc::clone(&in_flight);
-        let last_acked = Arc::clone(&last_acked);
-        let gate = Arc::clone(&gate);
+        let mut cx = AckCtx {
+            tx: Arc::clone(&tx),
+            in_flight: Arc::clone(&in_flight),
+            last_acked: Arc::clone(&last_acked),
+            gate: Arc::clone(&sh.gate),
+            gate_base: base,
+            journal: Arc::clone(&sh.journal),
+            sync,
+            backup_heard: Arc::clone(&sh.backup_heard),
+            kill_at: cfg.kill_at,
+            clock: sh.clock,
+            succession: Arc::clone(&sh.succession),
+            peer,
+        };
         let slots = Arc::clone(&slots);
-        let backup_heard = Arc::clone(&backup_heard);
-        let kill_at = cfg.kill_at;
-        let ack_tx = Arc::clone(&tx);
         tokio::spawn(async move {
-            let mut cx = AckCtx {
-                tx: ack_tx,
-                in_flight,
-                last_acked,
-                gate,
-                journal,
-                sync,
-                backup_heard,
-                kill_at,
-            };
             let r = ack_loop(&mut rx, &mut cx).await;
             // Without acks nothing can be committed: end the capture thread too.
             slots.close();
@@ -511,44 +892,70 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     };
 
     // Send encoded epochs in order; remember them until acknowledged.
-    let mut sent_epochs = 0u64;
-    let mut wire = 0u64;
+    let mut stats = SessionStats::default();
     let mut last_sync_log = sync;
-    while let Some(e) = enc_rx.recv().await {
-        let bytes = send_epoch(&conn, &tx, &e, cfg.kill_at, sync).await?;
-        wire += bytes;
-        sent_epochs = e.epoch;
-        in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .epochs
-            .insert(e.epoch, (e.captured_at, e.slot));
-        if e.epoch <= sync && e.epoch == last_sync_log {
-            last_sync_log = 0;
-            info!(epochs = sync, "full sync sent");
+    let sent: Result<(), PrimaryError> = async {
+        while let Some(e) = enc_rx.recv().await {
+            let bytes = send_epoch(&conn, &tx, &e, cfg.kill_at, sync).await?;
+            stats.wire_bytes += bytes;
+            stats.last_epoch = e.epoch;
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .epochs
+                .insert(e.epoch, (e.captured_at, e.slot));
+            if e.epoch <= sync && e.epoch == last_sync_log {
+                last_sync_log = 0;
+                info!(epochs = sync, "full sync sent");
+            }
         }
+        Ok(())
     }
-    let (vm, end) = capture
-        .await
-        .map_err(|e| PrimaryError::Link(e.to_string()))?;
-    let end: CaptureEnd = match end {
-        Ok(end) => end,
+    .await;
+    if sent.is_err() {
+        abort.store(true, Ordering::SeqCst);
+        slots.close();
+    }
+    // Unblock the encoder, then collect the capture thread and the VM.
+    drop(enc_rx);
+    let (vm, end) = match capture.await {
+        Ok(r) => r,
         Err(e) => {
-            if let Some(r) = vm.exit_reason() {
-                return Err(PrimaryError::GuestStopped(r));
-            }
-            // The ack reader closes the slots when the link fails; report that cause.
-            if let Ok(Ok(Err(link))) = tokio::time::timeout(Duration::from_secs(1), acks).await {
-                return Err(link);
-            }
-            return Err(e);
+            // The VM went down with the capture thread; nothing to continue with.
+            error!(error = %e, "the capture thread failed");
+            std::process::abort();
         }
     };
-    encoder_handle
-        .join()
-        .map_err(|_| PrimaryError::Link("encoder thread panicked".into()))??;
+    drop(halt);
+    let _ = encoder_handle.join();
+    let end = match end {
+        Ok(end) => end,
+        Err(e) => {
+            watch.abort();
+            let cause = if sh.fenced.load(Ordering::SeqCst) {
+                PrimaryError::Fenced
+            } else if let Err(link) = sent {
+                link
+            } else if let Ok(Ok(Err(link))) =
+                tokio::time::timeout(Duration::from_secs(1), acks).await
+            {
+                link
+            } else {
+                e
+            };
+            let fatal = matches!(cause, PrimaryError::Vm(_) | PrimaryError::Memory(_));
+            conn.close(1, "session ended");
+            stats.last_acked = last_acked.load(Ordering::SeqCst);
+            let end = if fatal {
+                Err(cause)
+            } else {
+                Ok(SessionEnd::Lost(cause))
+            };
+            return (vm, end, stats);
+        }
+    };
 
-    // Wait for the last epoch's ack, then leave the committed image and state for inspection.
+    // Wait for the last epoch's ack.
     let waited = Instant::now();
     while last_acked.load(Ordering::SeqCst) < end.last_epoch {
         if acks.is_finished() || waited.elapsed() > Duration::from_secs(30) {
@@ -556,14 +963,13 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let acked = last_acked.load(Ordering::SeqCst);
-    info!(last_epoch = end.last_epoch, acked, "protection stopped");
-    if let (Some(dir), true) = (&cfg.dump_dir, end.paused) {
-        dump(dir, &vm, &end.last_state).map_err(PrimaryError::Dump)?;
-        info!(dir = %dir.display(), epoch = end.last_epoch, "dumped guest memory and state");
-    }
-    heartbeats.abort();
-    lease_task.abort();
+    watch.abort();
+    stats.last_acked = last_acked.load(Ordering::SeqCst);
+    info!(
+        last_epoch = end.last_epoch,
+        acked = stats.last_acked,
+        "protection stopped"
+    );
     let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,
@@ -577,12 +983,5 @@ pub async fn run(cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summary, P
     acks.abort();
     tokio::time::sleep(Duration::from_millis(50)).await;
     conn.close(0, "done");
-    drop(vm);
-    Ok(Summary {
-        sync_epochs: sync,
-        last_epoch: sent_epochs,
-        last_acked: acked,
-        wire_bytes: wire,
-        raw_bytes: totals.raw.load(Ordering::Relaxed),
-    })
+    (vm, Ok(SessionEnd::Finished(end)), stats)
 }

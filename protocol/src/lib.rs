@@ -111,7 +111,7 @@ pub use limits::{Limits, Page, PAGE_SIZE};
 pub use message::{
     Ack, ChunkFrame, Commit, EpochDigest, Evict, Goodbye, GoodbyeReason, Heartbeat, Hello, Lease,
     LeaseReply, MemoryLayout, Message, MessageError, Mode, Promote, Region, Reject, RejectCode,
-    Welcome,
+    Successor, Welcome,
 };
 
 /// The protocol version this build speaks and sends.

@@ -16,11 +16,14 @@
 //! | `Evict` (8) | `final_epoch u64` |
 //! | `Goodbye` (9) | `reason u16, text` |
 //! | `Chunk` (10) | a chunk, see [`crate::codec`] |
-//! | `Lease` (11) | `vm_id text, holder text, ttl_ms u32, seq u64` |
+//! | `Lease` (11) | `vm_id text, holder text, ttl_ms u32, seq u64[, successor u8, name text]` |
 //! | `LeaseReply` (12) | `granted u8, holder text, ttl_ms u32, seq u64` |
 //!
 //! `Lease`/`LeaseReply` travel between a node (primary or backup) and the witness: a node may
-//! run the VM only while it holds the lease (fencing against split brain).
+//! run the VM only while it holds the lease (fencing against split brain). The holder also
+//! names who may take the lease over once it expires ([`Successor`]): a primary that runs on
+//! unprotected says "nobody", because its backup's image no longer holds what the outside has
+//! seen. A `Lease` that ends after `seq` (the first layout) means [`Successor::Any`].
 //!
 //! The `Hello` layout up to `has_base` is frozen for every future version (later versions may
 //! only append), so that any build can read the versions a peer speaks and answer it.
@@ -352,6 +355,30 @@ pub struct Lease {
     pub ttl_ms: u32,
     /// Echoed in the reply, to match replies to requests.
     pub seq: u64,
+    /// Who may take the lease over when it expires (set by the holder).
+    pub successor: Successor,
+}
+
+/// Who may take a lease over after it expires.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Successor {
+    /// Any node (wire 1).
+    Any,
+    /// Only the node with this certificate name (wire 2): the backup that holds our epochs.
+    Only(String),
+    /// Nobody (wire 3): the holder runs unprotected; only it may renew.
+    Nobody,
+}
+
+impl Successor {
+    /// Whether `node` may take over an expired lease.
+    pub fn admits(&self, node: &str) -> bool {
+        match self {
+            Successor::Any => true,
+            Successor::Only(n) => n == node,
+            Successor::Nobody => false,
+        }
+    }
 }
 
 /// The witness's answer to a [`Lease`].
@@ -564,6 +591,14 @@ impl Message {
                 put_text(out, &l.holder);
                 put_u32(out, l.ttl_ms);
                 put_u64(out, l.seq);
+                match &l.successor {
+                    Successor::Any => out.push(1),
+                    Successor::Only(name) => {
+                        out.push(2);
+                        put_text(out, name);
+                    }
+                    Successor::Nobody => out.push(3),
+                }
             }
             Message::LeaseReply(l) => {
                 out.push(l.granted as u8);
@@ -687,6 +722,21 @@ impl Message {
                 holder: read_text(&mut r, "holder", limits)?,
                 ttl_ms: need(r.u32(), "ttl")?,
                 seq: need(r.u64(), "seq")?,
+                successor: if r.remaining() == 0 {
+                    Successor::Any
+                } else {
+                    match need(r.u8(), "successor")? {
+                        1 => Successor::Any,
+                        2 => Successor::Only(read_text(&mut r, "successor", limits)?),
+                        3 => Successor::Nobody,
+                        v => {
+                            return Err(MessageError::InvalidEnum {
+                                field: "successor",
+                                value: v.into(),
+                            })
+                        }
+                    }
+                },
             }),
             FrameKind::LeaseReply => Message::LeaseReply(LeaseReply {
                 granted: match need(r.u8(), "granted")? {

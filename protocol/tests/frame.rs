@@ -7,8 +7,8 @@ use understudy_protocol::frame::{begin_frame, decode_frame, finish_frame};
 use understudy_protocol::{
     answer_hello, Ack, Commit, Digest, EpochDigest, Evict, FrameDecoder, FrameError, FrameKind,
     Goodbye, GoodbyeReason, Heartbeat, Hello, Lease, LeaseReply, Limits, LocalEnd, MemoryLayout,
-    Message, Mode, PageTree, Promote, Region, Reject, RejectCode, Welcome, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Message, Mode, PageTree, Promote, Region, Reject, RejectCode, Successor, Welcome,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn digest() -> impl Strategy<Value = Digest> {
@@ -91,14 +91,26 @@ fn message() -> impl Strategy<Value = Message> {
             hold_ns: c
         })),
         any::<u64>().prop_map(|epoch| Message::Promote(Promote { epoch })),
-        (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(vm_id, holder, ttl_ms, seq)| {
-            Message::Lease(Lease {
-                vm_id,
-                holder,
-                ttl_ms,
-                seq,
-            })
-        }),
+        (
+            text(),
+            text(),
+            any::<u32>(),
+            any::<u64>(),
+            prop_oneof![
+                Just(Successor::Any),
+                Just(Successor::Nobody),
+                text().prop_map(Successor::Only)
+            ]
+        )
+            .prop_map(|(vm_id, holder, ttl_ms, seq, successor)| {
+                Message::Lease(Lease {
+                    vm_id,
+                    holder,
+                    ttl_ms,
+                    seq,
+                    successor,
+                })
+            }),
         (any::<bool>(), text(), any::<u32>(), any::<u64>()).prop_map(
             |(granted, holder, ttl_ms, seq)| Message::LeaseReply(LeaseReply {
                 granted,

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use understudy_protocol::{Lease, LeaseReply, Limits, Message};
+use understudy_protocol::{Lease, LeaseReply, Limits, Message, Successor};
 
 use crate::endpoint::{Connection, Endpoint};
 use crate::messages;
@@ -45,10 +45,11 @@ pub struct LeaseState {
 
 /// Something that grants leases.
 pub trait LeaseBackend: Send {
-    /// Acquires or renews the lease for `ttl`.
+    /// Acquires or renews the lease for `ttl`; once it expires, only `successor` may take it.
     fn request(
         &mut self,
         ttl: Duration,
+        successor: &Successor,
     ) -> impl Future<Output = Result<LeaseState, LeaseError>> + Send;
 }
 
@@ -106,13 +107,23 @@ impl WitnessLease {
         &self.conn
     }
 
-    async fn exchange(&mut self, ttl: Duration) -> Result<LeaseReply, LeaseError> {
+    /// Whether the link to the witness is gone or unusable (reconnect then).
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.conn.close_reason().is_some()
+    }
+
+    async fn exchange(
+        &mut self,
+        ttl: Duration,
+        successor: &Successor,
+    ) -> Result<LeaseReply, LeaseError> {
         self.seq += 1;
         let msg = Message::Lease(Lease {
             vm_id: self.vm_id.clone(),
             holder: self.holder.clone(),
             ttl_ms: ttl.as_millis().min(u32::MAX as u128) as u32,
             seq: self.seq,
+            successor: successor.clone(),
         });
         messages::send(&mut self.tx, &msg)
             .await
@@ -135,14 +146,18 @@ impl WitnessLease {
 }
 
 impl LeaseBackend for WitnessLease {
-    async fn request(&mut self, ttl: Duration) -> Result<LeaseState, LeaseError> {
+    async fn request(
+        &mut self,
+        ttl: Duration,
+        successor: &Successor,
+    ) -> Result<LeaseState, LeaseError> {
         if self.broken {
             return Err(LeaseError::Unreachable(
                 "an earlier request timed out; reconnect to the witness".into(),
             ));
         }
         let sent = Instant::now();
-        let reply = match tokio::time::timeout(self.timeout, self.exchange(ttl)).await {
+        let reply = match tokio::time::timeout(self.timeout, self.exchange(ttl, successor)).await {
             Ok(r) => r?,
             Err(_) => {
                 self.broken = true;
