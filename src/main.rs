@@ -1,5 +1,6 @@
 //! `understudy`: fault-tolerance replication for KVM virtual machines.
 
+mod admin;
 mod bench;
 mod certs;
 mod config;
@@ -40,6 +41,11 @@ enum Command {
     /// Manage the private CA and node certificates for mutual TLS.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Show a node's role, peer, protection state, last epoch and lag (its --admin endpoint).
+    Status(admin::StatusArgs),
+    /// Planned switchover: the primary pauses, its last epoch is committed, the backup takes
+    /// over; prints the downtime.
+    Promote(admin::PromoteArgs),
 }
 
 fn main() {
@@ -72,6 +78,8 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Witness(args) => witness::run(args),
         Command::Drill(args) => drill::run(args),
+        Command::Status(args) => admin::status(args),
+        Command::Promote(args) => admin::promote(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -166,6 +166,10 @@ pub struct PrimaryArgs {
     /// How often to try to reach a lost backup again.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     reconnect_interval: Duration,
+    /// Serve the admin endpoint (`understudy status`, `understudy promote`) on this address,
+    /// e.g. 127.0.0.1:7600. Plain HTTP: bind it to loopback or a management network.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 fn parse_on_backup_loss(s: &str) -> Result<understudy_primary::OnBackupLoss, String> {
@@ -180,6 +184,17 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
     let stop = stop_flag()?;
+    let status = understudy_primary::status::StatusBoard::new("primary", &args.vm_id);
+    let switchover = understudy_primary::status::Switchover::new();
+    let admin = args.admin.map(|addr| {
+        (
+            addr,
+            crate::admin::Admin {
+                status: status.clone(),
+                switchover: Some(Arc::clone(&switchover)),
+            },
+        )
+    });
     let cfg = PrimaryConfig {
         vm_id: args.vm_id,
         backup: args.backup,
@@ -207,8 +222,15 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         }),
         on_backup_loss: args.on_backup_loss,
         reconnect_interval: args.reconnect_interval,
+        status,
+        switchover,
     };
-    let summary = runtime()?.block_on(understudy_primary::run(cfg, stop))?;
+    let summary = runtime()?.block_on(async move {
+        if let Some((addr, admin)) = admin {
+            crate::admin::serve(addr, admin).await?;
+        }
+        Ok::<_, anyhow::Error>(understudy_primary::run(cfg, stop).await?)
+    })?;
     info!(
         sessions = summary.sessions,
         sync_epochs = summary.sync_epochs,
@@ -265,10 +287,18 @@ pub struct BackupArgs {
     /// Epoch length when re-protecting, 1ms..=10s.
     #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
     protect_epoch: Duration,
+    /// Serve the admin endpoint (`understudy status`) on this address, e.g. 127.0.0.1:7601.
+    /// Plain HTTP: bind it to loopback or a management network.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 /// What a promoted backup needs to protect its VM with a new backup.
-fn reprotect_config(args: &BackupArgs, to: SocketAddr) -> PrimaryConfig {
+fn reprotect_config(
+    args: &BackupArgs,
+    to: SocketAddr,
+    status: &understudy_primary::status::StatusBoard,
+) -> PrimaryConfig {
     PrimaryConfig {
         vm_id: args.vm_id.clone(),
         backup: to,
@@ -294,6 +324,8 @@ fn reprotect_config(args: &BackupArgs, to: SocketAddr) -> PrimaryConfig {
         kill_at: None,
         on_backup_loss: understudy_primary::OnBackupLoss::Continue,
         reconnect_interval: Duration::from_secs(1),
+        status: status.clone(),
+        switchover: understudy_primary::status::Switchover::new(),
     }
 }
 
@@ -301,7 +333,19 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
     let stop = stop_flag()?;
-    let protect_to = args.protect_to.map(|to| reprotect_config(&args, to));
+    let status = understudy_primary::status::StatusBoard::new("backup", &args.vm_id);
+    let protect_to = args
+        .protect_to
+        .map(|to| reprotect_config(&args, to, &status));
+    let admin = args.admin.map(|addr| {
+        (
+            addr,
+            crate::admin::Admin {
+                status: status.clone(),
+                switchover: None,
+            },
+        )
+    });
     let cfg = BackupConfig {
         listen: args.listen,
         tls: args.tls.files("backup"),
@@ -315,8 +359,14 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         witness: args.failover.witness,
         lease_ttl: args.failover.lease_ttl,
         protect_to: std::sync::Mutex::new(protect_to),
+        status,
     };
-    runtime()?.block_on(understudy_backup::run(cfg, stop))?;
+    runtime()?.block_on(async move {
+        if let Some((addr, admin)) = admin {
+            crate::admin::serve(addr, admin).await?;
+        }
+        Ok::<_, anyhow::Error>(understudy_backup::run(cfg, stop).await?)
+    })?;
     Ok(0)
 }
 

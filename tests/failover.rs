@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 fn drill(kill_at: &str, repeat: &str) {
@@ -56,4 +58,116 @@ fn primary_killed_between_ack_and_release_fails_over_without_losing_output() {
 #[test]
 fn primary_killed_at_a_random_moment_fails_over() {
     drill("random", "1");
+}
+
+/// Planned switchover through the admin endpoints: `understudy status` tells the roles,
+/// `understudy promote --admin PRIMARY` pauses the primary at an epoch boundary, the backup
+/// commits that final epoch and takes over with the lease, the downtime is reported, and the
+/// console seen from outside has every tick exactly once.
+#[test]
+fn planned_switchover_hands_the_vm_to_the_backup() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let c = d.join("certs");
+    certs(&c, &["primary", "backup", "witness"]);
+    let c = c.display().to_string();
+    let (wp, bp, pa, ba) = (free_port(), free_port(), free_port(), free_port());
+    let w = format!("127.0.0.1:{wp}");
+    let witness = Proc::spawn(
+        d,
+        "witness",
+        &s(&["witness", "--certs", &c, "--listen", &w]),
+    );
+    witness.wait_for("witness listening", Duration::from_secs(10));
+    let b = format!("127.0.0.1:{bp}");
+    let backup_admin = format!("127.0.0.1:{ba}");
+    let backup = Proc::spawn(
+        d,
+        "backup",
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &b,
+            "--witness",
+            &w,
+            "--admin",
+            &backup_admin,
+        ]),
+    );
+    backup.wait_for("backup listening", Duration::from_secs(10));
+    let primary_admin = format!("127.0.0.1:{pa}");
+    let mut primary = Proc::spawn(
+        d,
+        "primary",
+        &s(&[
+            "primary",
+            "--certs",
+            &c,
+            "--backup",
+            &b,
+            "--witness",
+            &w,
+            "--workload",
+            "ledger",
+            "--memory",
+            "128M",
+            "--admin",
+            &primary_admin,
+        ]),
+    );
+    primary.wait_for("PROTECTED: the backup committed", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = run(&s(&["status", "--admin", &primary_admin]));
+    let st = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(
+        st.contains("primary of vm-1: protected") && st.contains("peer backup"),
+        "{st}"
+    );
+    let st = run(&s(&["status", "--admin", &backup_admin, "--json"]));
+    let st = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(st.contains("\"state\": \"hot\""), "{st}");
+
+    let out = run(&s(&["promote", "--admin", &primary_admin]));
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && report.contains("switchover done"),
+        "{report}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        backup.err()
+    );
+    println!("{report}");
+    assert!(
+        primary.wait(Duration::from_secs(10)).success(),
+        "{}",
+        primary.err()
+    );
+    backup.wait_for("promoted:", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = run(&s(&["status", "--admin", &backup_admin]));
+    let st = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(st.contains("promoted of vm-1: running"), "{st}");
+    let (pout, bout) = (primary.out(), backup.out());
+    assert!(
+        !pout.contains("CORRUPT") && !bout.contains("CORRUPT"),
+        "primary:\n{pout}\nbackup:\n{bout}"
+    );
+    let before = understudy_vmm::guests::ledger_ticks(&pout);
+    let after = understudy_vmm::guests::ledger_ticks(&bout);
+    assert!(
+        !before.is_empty() && after.len() >= 3,
+        "{before:?} {after:?}"
+    );
+    let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+    assert!(
+        all[0] == 1 && all.windows(2).all(|x| x[1] == x[0] + 1),
+        "ticks not exactly once in order across the switchover: {before:?} | {after:?}"
+    );
+    assert!(
+        backup.err().contains("planned switchover"),
+        "{}",
+        backup.err()
+    );
 }

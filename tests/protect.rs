@@ -235,7 +235,7 @@ fn primary_runs_on_unprotected_and_reprotects_with_a_new_backup() {
             ],
         ),
     );
-    primary.wait_for("PROTECTED", Duration::from_secs(60));
+    primary.wait_for("PROTECTED: the backup committed", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     drop(first); // SIGKILL: the backup host is gone
     primary.wait_for("UNPROTECTED", Duration::from_secs(10));

@@ -41,6 +41,7 @@ async fn win_lease(
 ) -> Option<(WitnessLease, LeaseState)> {
     let started = Instant::now();
     let mut lease = None;
+    let mut not_ours = 0;
     while started.elapsed() < LEASE_PATIENCE && !stop.load(Ordering::SeqCst) {
         if lease.is_none() {
             lease = connect(cfg, endpoint).await;
@@ -49,10 +50,33 @@ async fn win_lease(
             // A promoted VM has no successor until it is protected again.
             match l.request(cfg.lease_ttl, &Successor::Nobody).await {
                 Ok(s) if s.granted => return lease.map(|l| (l, s)),
+                Ok(s) if s.remaining.is_zero() => {
+                    // Expired, but its holder named another successor (or nobody: it ran
+                    // unprotected, so our image lacks output the outside has seen).
+                    not_ours += 1;
+                    if not_ours >= 10 {
+                        error!(holder = %s.holder,
+                            "the witness will not hand us the lease: its last holder did not name us as successor (it may have run unprotected after losing us); not promoting");
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Ok(s) if started.elapsed() > cfg.lease_ttl * 4 => {
+                    // A dead holder's lease runs out within one lease length; this one keeps
+                    // being renewed, so its holder is alive and reaches the witness.
+                    error!(holder = %s.holder,
+                        "the lease holder keeps renewing its lease: it is alive (a partition between it and us?); not promoting");
+                    return None;
+                }
                 Ok(s) => {
                     info!(holder = %s.holder, remaining_ms = s.remaining.as_millis() as u64,
                         "the lease is still held; waiting for it to expire");
-                    tokio::time::sleep(s.remaining.min(Duration::from_millis(50))).await;
+                    tokio::time::sleep(
+                        s.remaining
+                            .clamp(Duration::from_millis(5), Duration::from_millis(50)),
+                    )
+                    .await;
                     continue;
                 }
                 Err(e) => {
@@ -84,23 +108,41 @@ fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64
     Ok((vm, gate, epoch))
 }
 
-/// Fails over: lease, promotion, then runs the VM (keeping the lease) until stopped.
+/// What a takeover starts from.
+pub(crate) struct Takeover {
+    /// The hot image and the last committed state.
+    pub held: Held,
+    /// Committed output the old primary never said it released.
+    pub unreleased: Vec<u8>,
+    /// `primary_failed` or `admin` (planned switchover), for the promotions metric.
+    pub reason: &'static str,
+    /// Planned switchover: the primary's connection, closed with code 4 once the VM runs here.
+    pub confirm: Option<understudy_transport::Connection>,
+}
+
+/// Fails over: lease, promotion, then runs the VM (keeping the lease) until stopped. Returns
+/// whether it promoted (false: no witness, or the lease was not ours to take).
 pub(crate) async fn take_over(
     cfg: &BackupConfig,
     endpoint: &Endpoint,
-    held: Held,
-    unreleased: Vec<u8>,
+    t: Takeover,
     stop: Arc<AtomicBool>,
-) -> Result<(), BackupError> {
+) -> Result<bool, BackupError> {
+    let Takeover {
+        held,
+        unreleased,
+        reason,
+        confirm,
+    } = t;
     let decided = Instant::now();
     if cfg.witness.is_none() {
-        warn!("no --witness configured: this backup never promotes; the image is kept");
-        return Ok(());
+        warn!("no --witness configured: this backup never promotes");
+        return Ok(false);
     }
     let Some((lease, state)) = win_lease(cfg, endpoint, &stop).await else {
         error!("could not win the VM's lease; not promoting (another node may run the VM)");
         metrics::counter!("understudy_promotions_total", "reason" => "lease_refused").increment(1);
-        return Ok(());
+        return Ok(false);
     };
     let lease_wait = decided.elapsed();
     // Output of committed epochs the old primary never released comes first: the VM resumes
@@ -132,7 +174,15 @@ pub(crate) async fn take_over(
             Err(e) => return Err(BackupError::Promote(e.to_string())),
         };
     let promotion = t.elapsed();
-    metrics::counter!("understudy_promotions_total", "reason" => "primary_failed").increment(1);
+    if let Some(conn) = confirm {
+        conn.close(4, "promoted: the VM runs on the backup");
+    }
+    metrics::counter!("understudy_promotions_total", "reason" => reason).increment(1);
+    cfg.status.update(|s| {
+        s.role = "promoted".into();
+        s.last_epoch = epoch;
+    });
+    cfg.status.set_state("running", None);
     metrics::histogram!("understudy_promotion_seconds").record(promotion.as_secs_f64());
     info!(
         epoch,
@@ -222,7 +272,7 @@ pub(crate) async fn take_over(
             Err(e) => error!(error = %e, "the promoted VM's protection task failed"),
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The promoted VM: run here alone, or handed to a protection loop (re-protection).

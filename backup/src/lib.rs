@@ -53,4 +53,6 @@ pub struct BackupConfig {
     pub lease_ttl: Duration,
     /// After a promotion, protect the VM with this backup (re-protection); taken once.
     pub protect_to: std::sync::Mutex<Option<understudy_primary::PrimaryConfig>>,
+    /// What the admin endpoint reports.
+    pub status: understudy_primary::status::StatusBoard,
 }

@@ -18,6 +18,7 @@ use understudy_transport::{Connection, Endpoint, FrameSender, Identity, Transpor
 use understudy_vmm::state::DEFAULT_STATE_LIMIT;
 use understudy_vmm::VmState;
 
+use crate::failover::Takeover;
 use crate::image::{HotImage, Replicated};
 use crate::BackupConfig;
 
@@ -50,12 +51,20 @@ enum SessionError {
     Refused(String),
     #[error("the primary has been silent for {silence:?}")]
     PrimaryLost { silence: Duration },
+    #[error("the primary handed the VM over at epoch {epoch}")]
+    HandedOver { epoch: u64 },
 }
 
 /// How a session ended without a protocol or link error.
 enum Ended {
     /// The primary said goodbye.
     Goodbye(Held),
+    /// Planned switchover: the primary paused its guest after `epoch` and asks us to take over.
+    HandedOver {
+        epoch: u64,
+        held: Held,
+        unreleased: Vec<u8>,
+    },
     /// The primary went silent: fail over if we may.
     PrimaryFailed {
         silence: Duration,
@@ -112,6 +121,7 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     }
     info!(addr = %cfg.listen, vm = %cfg.vm_id, "backup listening");
     metrics::gauge!("understudy_role", "role" => "backup").set(1.0);
+    cfg.status.set_state("listening", None);
     metrics::gauge!("understudy_peer_connected").set(0.0);
     while !stop.load(Ordering::SeqCst) {
         // Only the wait for an attempt sits next to the timer: a handshake cut off by it would
@@ -130,8 +140,12 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
         };
         info!(peer = conn.peer_name(), addr = %conn.remote_address(), "primary connected");
         metrics::gauge!("understudy_peer_connected").set(1.0);
+        cfg.status.set_state("receiving", None);
+        cfg.status
+            .update(|s| s.peer = Some(conn.peer_name().to_string()));
         let served = serve(&cfg, &conn).await;
         metrics::gauge!("understudy_peer_connected").set(0.0);
+        cfg.status.update(|s| s.peer = None);
         match served {
             Ok(Ended::Goodbye(held)) => {
                 info!(peer = conn.peer_name(), "session ended");
@@ -153,7 +167,57 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                     "primary declared failed"
                 );
                 conn.close(2, "primary declared failed");
-                return crate::failover::take_over(&cfg, &endpoint, held, unreleased, stop).await;
+                cfg.status.set_state(
+                    "promoting",
+                    Some(format!("the primary was silent for {silence_ms:.0} ms")),
+                );
+                let promoted = crate::failover::take_over(
+                    &cfg,
+                    &endpoint,
+                    Takeover {
+                        held,
+                        unreleased,
+                        reason: "primary_failed",
+                        confirm: None,
+                    },
+                    Arc::clone(&stop),
+                )
+                .await?;
+                if promoted {
+                    return Ok(());
+                }
+                // Not promoted: the primary may well be alive; serve it again when it comes back.
+                cfg.status
+                    .set_state("listening", Some("did not promote: see the log".into()));
+                continue;
+            }
+            Ok(Ended::HandedOver {
+                epoch,
+                held,
+                unreleased,
+            }) => {
+                cfg.status.set_state(
+                    "promoting",
+                    Some(format!("planned switchover at epoch {epoch}")),
+                );
+                let promoted = crate::failover::take_over(
+                    &cfg,
+                    &endpoint,
+                    Takeover {
+                        held,
+                        unreleased,
+                        reason: "admin",
+                        confirm: Some(conn),
+                    },
+                    Arc::clone(&stop),
+                )
+                .await?;
+                if promoted {
+                    return Ok(());
+                }
+                cfg.status
+                    .set_state("listening", Some("did not promote: see the log".into()));
+                continue;
             }
             Err(e) => {
                 error!(peer = conn.peer_name(), error = %e, "session ended");
@@ -387,6 +451,11 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     let _ = writer.await;
     match result {
         Ok(()) => Ok(Ended::Goodbye(held)),
+        Err(SessionError::HandedOver { epoch }) => Ok(Ended::HandedOver {
+            epoch,
+            held,
+            unreleased: unreleased.take(),
+        }),
         Err(SessionError::PrimaryLost { silence }) => Ok(Ended::PrimaryFailed {
             silence,
             held,
@@ -442,6 +511,17 @@ async fn session_loop(
                         commits.push_back((c, Instant::now()));
                     }
                     Ok(Message::Ack(a)) => unreleased.released(a.epoch),
+                    Ok(Message::Promote(p)) => {
+                        let promotable = held.lock().unwrap_or_else(|e| e.into_inner()).promotable();
+                        if p.epoch != committed || !commits.is_empty() || !promotable {
+                            return Err(SessionError::Protocol(format!(
+                                "Promote({}) but epoch {committed} is the last committed here (promotable: {promotable})",
+                                p.epoch
+                            )));
+                        }
+                        info!(epoch = p.epoch, "the primary hands the VM over (planned switchover)");
+                        return Err(SessionError::HandedOver { epoch: p.epoch });
+                    }
                     Ok(Message::Heartbeat(h)) => {
                         let now = now_unix_ns() as u64;
                         let _ = out.send(Message::Heartbeat(Heartbeat::reply(&h, now, now)));
@@ -499,6 +579,7 @@ async fn session_loop(
                 .unwrap_or_else(|| EpochAssembler::new(c.epoch, limits.clone()));
             let held = Arc::clone(held);
             let started = Instant::now();
+            let c_state_empty = c.state.is_empty();
             let (epoch, outcome) = tokio::task::spawn_blocking(move || {
                 let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
                 let h = &mut *h;
@@ -523,6 +604,10 @@ async fn session_loop(
                     metrics::histogram!("understudy_apply_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::gauge!("understudy_last_committed_epoch").set(epoch as f64);
+                    cfg.status.update(|s| s.last_epoch = epoch);
+                    if !c_state_empty {
+                        cfg.status.set_state("hot", None);
+                    }
                     tracing::debug!(epoch, pages = done.pages, "committed epoch");
                     let _ = acks.send((epoch, Instant::now() + cfg.ack_delay));
                 }

@@ -173,6 +173,8 @@ pub(crate) struct CaptureCtl {
     pub progress_bar: bool,
     pub kill_at: Option<crate::KillAt>,
     pub staging: StagingPool,
+    /// A planned switchover ends the loop like a stop.
+    pub switchover: Arc<crate::status::Switchover>,
 }
 
 /// How the capture thread ended.
@@ -180,6 +182,8 @@ pub(crate) struct CaptureEnd {
     /// The last epoch captured; with `paused`, the guest has not run since.
     pub last_epoch: u64,
     pub paused: bool,
+    /// When the guest was paused for the last time.
+    pub paused_at: Instant,
     pub last_state: Vec<u8>,
 }
 
@@ -298,6 +302,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             std::thread::sleep(deadline - now);
         }
         let last = ctl.stop.load(Ordering::SeqCst)
+            || ctl.switchover.requested()
             || (ctl.stop_after > 0 && consistent + 1 >= ctl.stop_after);
         let t0 = Instant::now();
         vm.pause()?;
@@ -360,6 +365,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             return Ok(CaptureEnd {
                 last_epoch: epoch,
                 paused: true,
+                paused_at: t0,
                 last_state: state,
             });
         }

@@ -24,6 +24,9 @@ use understudy_transport::Endpoint;
 #[derive(Debug)]
 pub struct Succession {
     state: Mutex<(Successor, Option<Successor>)>,
+    /// Hand the lease over now (a planned switchover): renew it with no time left.
+    release: AtomicBool,
+    released: AtomicBool,
     /// Whether a lease keeper exists; without a witness nothing is ever confirmed.
     arbitrated: bool,
 }
@@ -33,6 +36,8 @@ impl Succession {
     pub fn new(initial: Successor, arbitrated: bool) -> Arc<Self> {
         Arc::new(Succession {
             state: Mutex::new((initial, None)),
+            release: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             arbitrated,
         })
     }
@@ -54,6 +59,16 @@ impl Succession {
     /// The witness granted a renewal that named `s`.
     pub fn confirm(&self, s: Successor) {
         self.lock().1 = Some(s);
+    }
+
+    /// Asks the lease keeper to end our lease now, leaving it to the wanted successor.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the witness has ended our lease (always true without a witness).
+    pub fn released(&self) -> bool {
+        !self.arbitrated || self.released.load(Ordering::SeqCst)
     }
 
     /// Whether the witness has confirmed the wanted successor (always true without a witness).
@@ -123,6 +138,19 @@ pub async fn keep_lease(src: LeaseSource, mut lease: WitnessLease, first: LeaseS
     while !k.fenced.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let wanted = k.succession.wanted();
+        if k.succession.release.load(Ordering::SeqCst) {
+            // The guest is paused for good: hand the lease to the successor at once.
+            match lease.request(Duration::ZERO, &wanted).await {
+                Ok(s) if s.granted => {
+                    info!(successor = ?wanted, "lease handed over");
+                    k.succession.released.store(true, Ordering::SeqCst);
+                    break;
+                }
+                Ok(s) => warn!(holder = %s.holder, "the witness refused the hand-over"),
+                Err(e) => warn!(error = %e, "lease hand-over failed"),
+            }
+            continue;
+        }
         let left = valid_until
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -23,6 +23,7 @@ mod capture;
 mod journal;
 mod lease;
 mod session;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +89,10 @@ pub struct PrimaryConfig {
     pub on_backup_loss: OnBackupLoss,
     /// How often to try to reach the backup again after losing it.
     pub reconnect_interval: Duration,
+    /// What the admin endpoint reports.
+    pub status: status::StatusBoard,
+    /// A planned switchover to the backup, requested through the admin endpoint.
+    pub switchover: std::sync::Arc<status::Switchover>,
 }
 
 /// Where in an epoch a drill kills the primary.

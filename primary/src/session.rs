@@ -14,7 +14,7 @@ use understudy_protocol::{
     Message, Mode, Page, Successor, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use understudy_transport::lease::LeaseBackend;
-use understudy_transport::messages;
+use understudy_transport::{messages, ErrorChain};
 use understudy_transport::{
     Connection, Endpoint, FrameReader, FrameSender, Identity, TransportOptions,
 };
@@ -25,6 +25,7 @@ use crate::capture::{
 };
 use crate::journal::Journal;
 use crate::lease::{keep_lease, Keeper, LeaseSource, Succession};
+use crate::status::{StatusBoard, SwitchoverReport};
 use crate::{KillAt, KillPhase, PrimaryConfig};
 
 /// Why protection stopped.
@@ -219,6 +220,7 @@ struct AckCtx {
     succession: Arc<Succession>,
     /// The backup's certificate name: our successor once it holds a consistent epoch.
     peer: String,
+    status: StatusBoard,
 }
 
 async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
@@ -235,6 +237,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
         clock,
         succession,
         peer,
+        status,
     } = cx;
     let (sync, kill_at, gate_base, clock) = (*sync, *kill_at, *gate_base, *clock);
     let limits = Limits::default();
@@ -256,6 +259,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     let latency = captured_at.elapsed().as_secs_f64();
                     metrics::histogram!("understudy_commit_latency_seconds").record(latency);
                     metrics::gauge!("understudy_replication_lag_seconds").set(latency);
+                    status.update(|s| s.lag_seconds = Some(latency));
                 }
                 if a.epoch > sync {
                     if last_acked.load(Ordering::SeqCst) <= sync {
@@ -265,6 +269,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                         );
                         metrics::gauge!("understudy_protected").set(1.0);
                         succession.want(Successor::Only(peer.clone()));
+                        status.set_state("protected", None);
                     }
                     KillAt::check(kill_at, KillPhase::Ack, a.epoch);
                     let at = Journal::now();
@@ -283,6 +288,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     let _ = messages::send(&mut *tx.lock().await, &Message::Ack(a)).await;
                 }
                 last_acked.store(a.epoch, Ordering::SeqCst);
+                status.update(|s| s.last_epoch = a.epoch);
                 metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
                 metrics::counter!("understudy_epochs_total", "outcome" => "acked").increment(1);
             }
@@ -404,6 +410,69 @@ enum SessionEnd {
     Finished(CaptureEnd),
     /// The backup or the link failed; the guest is running.
     Lost(PrimaryError),
+    /// A planned switchover: the backup runs the VM now (or says why not); the guest here is
+    /// paused for good.
+    HandedOver(SwitchoverReport),
+}
+
+/// The end of a planned switchover, after the last epoch was acknowledged with the guest
+/// paused: tell the backup to take over from it, hand it the lease, and wait for its "running"
+/// (it closes the connection with code 4 once its VM runs).
+async fn hand_over(
+    conn: &Connection,
+    tx: &tokio::sync::Mutex<FrameSender>,
+    end: &CaptureEnd,
+    acked: u64,
+    sh: &Shared,
+) -> SwitchoverReport {
+    let fail = |message: String| SwitchoverReport {
+        ok: false,
+        epoch: acked,
+        downtime_ms: None,
+        message,
+    };
+    if acked < end.last_epoch {
+        return fail(format!(
+            "the backup did not acknowledge the final epoch {} (last acknowledged {acked}); the guest stays paused here",
+            end.last_epoch
+        ));
+    }
+    info!(
+        epoch = acked,
+        "switchover: the backup takes over from the final epoch"
+    );
+    let promote = Message::Promote(understudy_protocol::Promote { epoch: acked });
+    if let Err(e) = messages::send(&mut *tx.lock().await, &promote).await {
+        return fail(format!("could not ask the backup to take over: {e}"));
+    }
+    sh.succession.release();
+    let t = Instant::now();
+    while !sh.succession.released() && t.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while conn.close_reason().is_none() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let downtime = end.paused_at.elapsed();
+    match conn.close_reason() {
+        Some(understudy_transport::quinn::ConnectionError::ApplicationClosed(c))
+            if u64::from(c.error_code) == 4 =>
+        {
+            let ms = downtime.as_secs_f64() * 1e3;
+            info!(epoch = acked, downtime_ms = format!("{ms:.1}"), "switchover done: the backup runs the VM");
+            SwitchoverReport {
+                ok: true,
+                epoch: acked,
+                downtime_ms: Some(ms),
+                message: format!(
+                    "the backup runs the VM from epoch {acked}; downtime at most {ms:.1} ms"
+                ),
+            }
+        }
+        other => fail(format!(
+            "the backup did not confirm it runs the VM ({other:?}); the guest stays paused here: check the backup's log"
+        )),
+    }
 }
 
 fn client_endpoint(cfg: &PrimaryConfig) -> Result<Endpoint, PrimaryError> {
@@ -426,14 +495,11 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
     metrics::gauge!("understudy_peer_connected").set(0.0);
     let endpoint = client_endpoint(&cfg)?;
     let map = PageMap::new(&cfg.regions);
-    // The first backup must be there: a primary that starts unprotected by mistake is worse
-    // than one that says so and exits.
-    let first = open_link(&endpoint, &cfg, &map).await?;
     let backup_heard = Arc::new(Mutex::new(Instant::now()));
     let fenced = Arc::new(AtomicBool::new(false));
 
     // Fencing: hold the VM's lease while the guest runs, naming this backup as successor.
-    let successor = Successor::Only(first.conn.peer_name().to_string());
+    let successor = Successor::Only(cfg.backup_name.clone());
     let succession = Succession::new(successor.clone(), cfg.witness.is_some());
     let lease_task = match cfg.witness {
         None => tokio::spawn(async {}),
@@ -490,8 +556,13 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
     info!(
         workload = cfg.workload.name(),
         pages = map.total(),
-        "guest running; full sync starts"
+        "guest running"
     );
+    // The first backup must be there: a primary that starts unprotected by mistake is worse
+    // than one that says so and exits. The guest boots first, so that the session's clocks
+    // (heartbeats, the backup's failure detection) do not run through the boot.
+    let first = open_link(&endpoint, &cfg, &map).await?;
+    info!("full sync starts");
     let (_vm, summary) = protect(
         vm,
         gate,
@@ -580,7 +651,14 @@ async fn protect(
         summary.last_acked = s.last_acked;
         summary.wire_bytes += s.wire_bytes;
         match end? {
+            SessionEnd::HandedOver(report) => {
+                let state = if report.ok { "handed-over" } else { "paused" };
+                cfg.status.set_state(state, Some(report.message.clone()));
+                cfg.switchover.finish(report);
+                break;
+            }
             SessionEnd::Finished(end) => {
+                cfg.status.set_state("stopped", None);
                 if let (Some(dir), true) = (&cfg.dump_dir, end.paused) {
                     dump(dir, &vm, &end.last_state).map_err(PrimaryError::Dump)?;
                     info!(dir = %dir.display(), epoch = end.last_epoch, "dumped guest memory and state");
@@ -593,8 +671,22 @@ async fn protect(
                 }
                 if shared.fenced.load(Ordering::SeqCst) {
                     vm.pause()?;
+                    cfg.status.set_state(
+                        "fenced",
+                        Some(
+                            "cut off from the witness and the backup; the guest is stopped".into(),
+                        ),
+                    );
                     return Err(PrimaryError::Fenced);
                 }
+                cfg.status.set_state(
+                    "unprotected",
+                    Some(format!(
+                        "lost the backup ({cause}); reconnecting every {:?}",
+                        cfg.reconnect_interval
+                    )),
+                );
+                cfg.status.update(|s| s.peer = None);
                 metrics::gauge!("understudy_protected").set(0.0);
                 metrics::gauge!("understudy_peer_connected").set(0.0);
                 if shared.stop.load(Ordering::SeqCst) {
@@ -604,7 +696,7 @@ async fn protect(
                     break;
                 }
                 warn!(
-                    error = %chain(&cause),
+                    error = %ErrorChain(&cause),
                     on_backup_loss = ?cfg.on_backup_loss,
                     "UNPROTECTED: lost the backup; reconnecting"
                 );
@@ -613,18 +705,6 @@ async fn protect(
     }
     summary.raw_bytes = shared.totals.raw.load(Ordering::Relaxed);
     Ok((vm, summary))
-}
-
-/// An error with its causes, for one log line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 /// Aborts a task when dropped.
@@ -722,7 +802,7 @@ async fn unprotected(
             Some(Err(e)) => {
                 // Say why every few attempts, not on every one.
                 if attempts == 1 || attempts.is_multiple_of(10) {
-                    warn!(error = %chain(&e), attempts, "UNPROTECTED: the backup is still unreachable");
+                    warn!(error = %ErrorChain(&e), attempts, "UNPROTECTED: the backup is still unreachable");
                 }
             }
         }
@@ -797,6 +877,8 @@ async fn session(
         version,
     } = link;
     let peer = conn.peer_name().to_string();
+    cfg.status.set_state("syncing", None);
+    cfg.status.update(|s| s.peer = Some(peer.clone()));
     let sync = sh.sync;
     let base = sh.gate.current_epoch().saturating_sub(1);
     sh.gate.hold_from(base + sync + 1);
@@ -858,6 +940,7 @@ async fn session(
         progress_bar: cfg.progress_bar,
         kill_at: cfg.kill_at,
         staging: sh.staging.clone(),
+        switchover: Arc::clone(&cfg.switchover),
     };
     let capture = tokio::task::spawn_blocking(move || {
         let end = capture_loop(&mut vm, &ctl);
@@ -881,6 +964,7 @@ async fn session(
             clock: sh.clock,
             succession: Arc::clone(&sh.succession),
             peer,
+            status: cfg.status.clone(),
         };
         let slots = Arc::clone(&slots);
         tokio::spawn(async move {
@@ -970,6 +1054,11 @@ async fn session(
         acked = stats.last_acked,
         "protection stopped"
     );
+    if cfg.switchover.requested() {
+        let report = hand_over(&conn, &tx, &end, stats.last_acked, sh).await;
+        acks.abort();
+        return (vm, Ok(SessionEnd::HandedOver(report)), stats);
+    }
     let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,
