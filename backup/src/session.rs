@@ -461,6 +461,18 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
             held,
             unreleased: unreleased.take(),
         }),
+        // A primary whose link ends without a Goodbye has crashed or been fenced (a fenced
+        // primary exits): try to take over like after silence; the lease decides whether we may.
+        Err(SessionError::Link(cause))
+            if held.lock().unwrap_or_else(|e| e.into_inner()).promotable() =>
+        {
+            warn!(cause = %cause, "the link to the primary ended without a goodbye");
+            Ok(Ended::PrimaryFailed {
+                silence: heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed(),
+                held,
+                unreleased: unreleased.take(),
+            })
+        }
         Err(e) => Err(e),
     }
 }
