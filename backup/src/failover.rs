@@ -91,7 +91,7 @@ async fn win_lease(
 }
 
 fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64), String> {
-    let h = held.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
     if !h.promotable() {
         return Err(format!(
             "the image at epoch {} is not a consistent checkpoint (the full sync had not finished)",
@@ -100,11 +100,18 @@ fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64
     }
     let (epoch, blob) = h.state.clone().expect("promotable implies a state");
     let state = VmState::decode(&blob, DEFAULT_STATE_LIMIT).map_err(|e| e.to_string())?;
-    let fds = h.image.memory().clone_fds().map_err(|e| e.to_string())?;
-    let memory = GuestMemory::from_fds(&state.regions, fds, false).map_err(|e| e.to_string())?;
     let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
-    let vm = Vm::restore(memory, &state, Arc::clone(&gate), dirty_logging, false)
-        .map_err(|e| e.to_string())?;
+    // The VM made ahead of time over the hot image (the usual case), or a new one.
+    let vm = match h.prepared.take() {
+        Some(p) if p.fits(&state) => p.restore(&state, Arc::clone(&gate), false),
+        _ => {
+            let fds = h.image.memory().clone_fds().map_err(|e| e.to_string())?;
+            let memory =
+                GuestMemory::from_fds(&state.regions, fds, false).map_err(|e| e.to_string())?;
+            Vm::restore(memory, &state, Arc::clone(&gate), dirty_logging, false)
+        }
+    }
+    .map_err(|e| e.to_string())?;
     Ok((vm, gate, epoch))
 }
 

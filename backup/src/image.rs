@@ -79,6 +79,41 @@ pub struct Replicated {
     /// (epoch, state blob) of the last committed epoch that carried a state; the image is
     /// promotable only when this epoch equals the replica's epoch.
     pub state: Option<(u64, Vec<u8>)>,
+    /// A VM made ahead of time over the image's memfds (see [`Vm::prepare_restore`]), so that
+    /// a promotion only loads the state and starts the vCPUs.
+    ///
+    /// [`Vm::prepare_restore`]: understudy_vmm::Vm::prepare_restore
+    pub prepared: Option<understudy_vmm::PreparedRestore>,
+}
+
+impl Replicated {
+    /// Makes the VM a promotion will use, once the layout and vCPU count are known (the first
+    /// consistent state). Failing here is not fatal: a promotion then makes its VM itself.
+    pub fn prepare(&mut self, state: &understudy_vmm::VmState, dirty_logging: bool) {
+        if self.prepared.as_ref().is_some_and(|p| p.fits(state)) {
+            return;
+        }
+        let made = self
+            .image
+            .memory()
+            .clone_fds()
+            .map_err(|e| e.to_string())
+            .and_then(|fds| {
+                understudy_vmm::GuestMemory::from_fds(&state.regions, fds, false)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|memory| {
+                let n = u8::try_from(state.vcpus.len()).map_err(|e| e.to_string())?;
+                understudy_vmm::Vm::prepare_restore(memory, n, state.irqchip, dirty_logging)
+                    .map_err(|e| e.to_string())
+            });
+        match made {
+            Ok(p) => self.prepared = Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prepare a VM for promotion; a promotion will make one")
+            }
+        }
+    }
 }
 
 impl Replicated {

@@ -340,6 +340,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         image,
         replica: Replica::zeroed(pages as u32),
         state: None,
+        prepared: None,
     }));
     info!(version, vm = %hello.vm_id, pages, mode = ?hello.mode, "session accepted");
 
@@ -506,6 +507,12 @@ async fn session_loop(
         out,
     } = links;
     let mut committed = 0u64;
+    // A promoted VM that will be re-protected needs dirty logging.
+    let reprotect = cfg
+        .protect_to
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some();
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
     let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
     loop {
@@ -592,15 +599,19 @@ async fn session_loop(
             let held = Arc::clone(held);
             let started = Instant::now();
             let c_state_empty = c.state.is_empty();
+            let prepare_logging = reprotect;
             let (epoch, outcome) = tokio::task::spawn_blocking(move || {
                 let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
                 let h = &mut *h;
                 let r = assembler.commit(&c, &mut h.replica, &mut h.image);
                 let mut console = Vec::new();
                 if r.is_ok() && !c.state.is_empty() {
-                    console = VmState::decode(&c.state, DEFAULT_STATE_LIMIT)
-                        .map(|s| s.console)
-                        .unwrap_or_default();
+                    if let Ok(s) = VmState::decode(&c.state, DEFAULT_STATE_LIMIT) {
+                        if h.prepared.is_none() {
+                            h.prepare(&s, prepare_logging);
+                        }
+                        console = s.console;
+                    }
                     h.state = Some((c.epoch, c.state));
                 }
                 (c.epoch, r.map(|done| (done, console)))

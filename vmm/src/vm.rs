@@ -211,6 +211,68 @@ fn prepare(
     })
 }
 
+/// A VM made ahead of a restore (see [`Vm::prepare_restore`]).
+pub struct PreparedRestore {
+    p: Prepared,
+    memory: Arc<GuestMemory>,
+    irqchip: bool,
+    dirty_logging: bool,
+}
+
+impl std::fmt::Debug for PreparedRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedRestore")
+            .field("vcpus", &self.p.vcpu_fds.len())
+            .field("regions", &self.memory.specs())
+            .field("irqchip", &self.irqchip)
+            .finish()
+    }
+}
+
+impl PreparedRestore {
+    /// Whether `state` fits this VM (memory layout, vCPU count, interrupt controller).
+    pub fn fits(&self, state: &VmState) -> bool {
+        self.memory.specs() == state.regions
+            && self.p.vcpu_fds.len() == state.vcpus.len()
+            && self.irqchip == state.irqchip
+    }
+
+    /// Loads `state` into the vCPUs and the UART and starts the VM (unless `paused`).
+    pub fn restore(
+        self,
+        state: &VmState,
+        gate: Arc<OutputGate>,
+        paused: bool,
+    ) -> Result<Vm, VmError> {
+        if !self.fits(state) || state.vcpus.is_empty() {
+            return Err(VmError::StateMismatch {
+                state: state.vcpus.len(),
+                state_regions: state.regions.clone(),
+                memory: self.memory.specs(),
+            });
+        }
+        let p = self.p;
+        for (fd, s) in p.vcpu_fds.iter().zip(&state.vcpus) {
+            KvmVcpu {
+                fd,
+                msrs: &p.msrs,
+                xsave: p.xsave,
+                lapic: state.irqchip,
+            }
+            .restore(s)?;
+        }
+        let serial = SerialConsole::from_state(COM1_PORT, gate, &state.serial)?;
+        Vm::start(
+            p,
+            self.memory,
+            serial,
+            state.irqchip,
+            self.dirty_logging,
+            paused,
+        )
+    }
+}
+
 /// `KVM_GET_SUPPORTED_CPUID`, read once per process: it depends only on the host's KVM, and on
 /// PVM it costs 0.3-0.4 ms, a third of making a VM (vmm/benches/vmm.rs).
 fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
@@ -312,27 +374,28 @@ impl Vm {
         dirty_logging: bool,
         paused: bool,
     ) -> Result<Self, VmError> {
-        if memory.specs() != state.regions || state.vcpus.is_empty() {
-            return Err(VmError::StateMismatch {
-                state: state.vcpus.len(),
-                state_regions: state.regions.clone(),
-                memory: memory.specs(),
-            });
-        }
-        let memory = Arc::new(memory);
         let n = u8::try_from(state.vcpus.len()).map_err(|_| VmError::VcpuCount(u8::MAX))?;
-        let p = prepare(&memory, n, dirty_logging, state.irqchip)?;
-        for (fd, s) in p.vcpu_fds.iter().zip(&state.vcpus) {
-            KvmVcpu {
-                fd,
-                msrs: &p.msrs,
-                xsave: p.xsave,
-                lapic: state.irqchip,
-            }
-            .restore(s)?;
-        }
-        let serial = SerialConsole::from_state(COM1_PORT, gate, &state.serial)?;
-        Self::start(p, memory, serial, state.irqchip, dirty_logging, paused)
+        Self::prepare_restore(memory, n, state.irqchip, dirty_logging)?.restore(state, gate, paused)
+    }
+
+    /// Makes everything a restore needs except the state: the KVM VM, its memory slots over
+    /// `memory` (no copy: a backup's hot image stays shared with it), and `vcpus` vCPUs with
+    /// their CPUID. A backup does this ahead of time, so that a promotion only loads the state
+    /// and starts the vCPU threads. The memory may keep changing until the restore.
+    pub fn prepare_restore(
+        memory: GuestMemory,
+        vcpus: u8,
+        irqchip: bool,
+        dirty_logging: bool,
+    ) -> Result<PreparedRestore, VmError> {
+        let memory = Arc::new(memory);
+        let p = prepare(&memory, vcpus, dirty_logging, irqchip)?;
+        Ok(PreparedRestore {
+            p,
+            memory,
+            irqchip,
+            dirty_logging,
+        })
     }
 
     fn start(
