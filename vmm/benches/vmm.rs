@@ -16,7 +16,10 @@
 //!    `GuestMemory::from_fds(specs, fds, false)` (mmap), `Vm::restore(.., false, false)`, and a
 //!    poll (volatile read + `sched_yield`) of the progress counter at `PROGRESS_GPA` from the
 //!    return of `restore` until it changes (= the guest executed). The next round restores from
-//!    the VM just restored.
+//!    the VM just restored. A second series makes the VM ahead of time
+//!    (`Vm::prepare_restore`: VM, memory slots, vCPUs with CPUID, untimed, as a backup does
+//!    while it replicates) and times `PreparedRestore::restore` (state load, vCPU threads) to
+//!    the counter moving: the promotion path.
 //!
 //! Every row also shows how many cores other processes used while it ran (from `/proc/stat`
 //! minus this process's CPU time): the machine has 2 cores and is shared with other jobs.
@@ -422,6 +425,57 @@ fn poll_granularity() -> Duration {
     t.elapsed() / n
 }
 
+/// Like [`bench_restore`], but the VM is made ahead of time ([`Vm::prepare_restore`], as the
+/// backup does while it replicates): timed from `PreparedRestore::restore` to the guest's
+/// progress counter moving. Returns (restore call, total).
+fn bench_prepared_restore(bytes: u64, rounds: usize) -> (Stats, Stats) {
+    let w = workload("idle", &[("spins", "1")]);
+    let sink = MemorySink::default();
+    let mut vm = boot(&VmConfig::new(bytes), &w, &sink);
+    std::thread::sleep(Duration::from_millis(20));
+    let warmup = 3;
+    let (mut call, mut total) = (vec![], vec![]);
+    for i in 0..rounds + warmup {
+        vm.pause().expect("pause");
+        let state: VmState = vm.state().expect("state");
+        let specs = vm.memory().specs();
+        let fds = vm.memory().clone_fds().expect("dup memfds");
+        let p0 = progress(&vm);
+        drop(vm);
+        let gate = OutputGate::passthrough(Box::new(sink.clone()));
+        let memory = GuestMemory::from_fds(&specs, fds, false).expect("from_fds");
+        let n = u8::try_from(state.vcpus.len()).expect("vcpus");
+        let prepared = Vm::prepare_restore(memory, n, state.irqchip, false)
+            .unwrap_or_else(|e| panic!("Vm::prepare_restore on /dev/kvm failed: {e}"));
+
+        let t0 = Instant::now();
+        let vm2 = prepared
+            .restore(&state, gate, false)
+            .unwrap_or_else(|e| panic!("PreparedRestore::restore failed: {e}"));
+        let t1 = Instant::now();
+        let mem = Arc::clone(vm2.memory());
+        let mut spins = 0u64;
+        while mem.read_u64(PROGRESS_GPA).expect("progress") == p0 {
+            spins += 1;
+            if spins.is_multiple_of(1 << 20) {
+                assert!(
+                    t1.elapsed() < Duration::from_secs(5),
+                    "the restored guest did not run"
+                );
+            }
+            std::thread::yield_now();
+        }
+        let t2 = Instant::now();
+        if i >= warmup {
+            call.push(t1 - t0);
+            total.push(t2 - t0);
+        }
+        vm = vm2;
+    }
+    assert_running(&vm, &sink, "prepared restore");
+    (stats(call), stats(total))
+}
+
 fn bench_restore(bytes: u64, rounds: usize) -> RestoreFigures {
     let w = workload("idle", &[("spins", "1")]);
     let sink = MemorySink::default();
@@ -635,6 +689,19 @@ fn main() {
                 stats: s,
                 target: target.then_some(Duration::from_millis(1)),
                 reference: r.into(),
+                other_cores: f.other,
+            });
+        }
+        let (call, total) = bench_prepared_restore(bytes, restores);
+        for (part, s, target) in [
+            ("PreparedRestore::restore", call, false),
+            ("total: state load -> guest executed", total, bytes == GIB),
+        ] {
+            rows.push(Row {
+                what: format!("restore {name}, VM prepared ahead (the backup's path): {part}"),
+                stats: s,
+                target: target.then_some(Duration::from_millis(1)),
+                reference: "-".into(),
                 other_cores: f.other,
             });
         }
