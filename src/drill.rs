@@ -73,7 +73,7 @@ pub struct DrillReport {
     pub rolled_back_epochs: Option<u64>,
 }
 
-const PHASES: [&str; 4] = ["capture", "send", "commit", "ack"];
+pub(crate) const PHASES: [&str; 4] = ["capture", "send", "commit", "ack"];
 
 struct Proc(Child);
 
@@ -165,7 +165,7 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result<DrillReport> {
+pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result<DrillReport> {
     let exe = std::env::current_exe()?;
     let certs = dir.join("certs");
     let d = certs.display().to_string();

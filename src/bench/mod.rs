@@ -1,6 +1,7 @@
 //! `understudy bench`: benchmarks that print their figures next to the reference they are
 //! compared with, measured in the same run.
 
+mod failover;
 mod protect;
 
 use anyhow::Result;
@@ -11,10 +12,14 @@ pub enum BenchCommand {
     /// Protect mode on the `dirty` guest at several rates, each next to the same guest with
     /// dirty logging only (see BENCHMARKS.md).
     Protect(protect::ProtectArgs),
+    /// Failover drills at 256 MiB and 1 GiB: detection, promotion and RTO against issue 5's
+    /// targets (see BENCHMARKS.md).
+    Failover(failover::FailoverBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<i32> {
     match cmd {
         BenchCommand::Protect(args) => protect::run(args),
+        BenchCommand::Failover(args) => failover::run(args),
     }
 }
