@@ -56,7 +56,11 @@ impl Leases {
             Some((h, until, _)) if h != holder && *until > now => LeaseReply {
                 granted: false,
                 holder: h.clone(),
-                ttl_ms: (*until - now).as_millis().min(u32::MAX as u128) as u32,
+                // Rounded up: 0 ms is how a refusal says "expired, but not yours to take".
+                ttl_ms: (*until - now)
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(u32::MAX as u128) as u32,
                 seq: 0,
             },
             Some((h, _, next)) if h != holder && !next.admits(holder) => {
@@ -169,6 +173,15 @@ mod tests {
         assert!(l.request("vm", "primary", ttl, any(), t + ms(100)).granted);
         let r = l.request("vm", "backup", ttl, any(), t + ms(200));
         assert!(!r.granted && r.holder == "primary" && r.ttl_ms == 200);
+        // Less than a millisecond left still reads as time left, never as "not yours".
+        let r = l.request(
+            "vm",
+            "backup",
+            ttl,
+            any(),
+            t + ms(400) - Duration::from_micros(10),
+        );
+        assert!(!r.granted && r.ttl_ms == 1);
         assert!(l.request("vm", "backup", ttl, any(), t + ms(401)).granted);
         assert!(!l.request("vm", "primary", ttl, any(), t + ms(402)).granted);
         assert!(l.request("other-vm", "primary", ttl, any(), t).granted);
