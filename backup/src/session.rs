@@ -167,57 +167,32 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                     "primary declared failed"
                 );
                 conn.close(2, "primary declared failed");
-                cfg.status.set_state(
-                    "promoting",
-                    Some(format!("the primary was silent for {silence_ms:.0} ms")),
-                );
-                let promoted = crate::failover::take_over(
-                    &cfg,
-                    &endpoint,
-                    Takeover {
-                        held,
-                        unreleased,
-                        reason: "primary_failed",
-                        confirm: None,
-                    },
-                    Arc::clone(&stop),
-                )
-                .await?;
-                if promoted {
+                let why = format!("the primary was silent for {silence_ms:.0} ms");
+                let t = Takeover {
+                    held,
+                    unreleased,
+                    reason: "primary_failed",
+                    confirm: None,
+                };
+                if take_over_or_listen(&cfg, &endpoint, t, &stop, why).await? {
                     return Ok(());
                 }
-                // Not promoted: the primary may well be alive; serve it again when it comes back.
-                cfg.status
-                    .set_state("listening", Some("did not promote: see the log".into()));
-                continue;
             }
             Ok(Ended::HandedOver {
                 epoch,
                 held,
                 unreleased,
             }) => {
-                cfg.status.set_state(
-                    "promoting",
-                    Some(format!("planned switchover at epoch {epoch}")),
-                );
-                let promoted = crate::failover::take_over(
-                    &cfg,
-                    &endpoint,
-                    Takeover {
-                        held,
-                        unreleased,
-                        reason: "admin",
-                        confirm: Some(conn),
-                    },
-                    Arc::clone(&stop),
-                )
-                .await?;
-                if promoted {
+                let why = format!("planned switchover at epoch {epoch}");
+                let t = Takeover {
+                    held,
+                    unreleased,
+                    reason: "admin",
+                    confirm: Some(conn.clone()),
+                };
+                if take_over_or_listen(&cfg, &endpoint, t, &stop, why).await? {
                     return Ok(());
                 }
-                cfg.status
-                    .set_state("listening", Some("did not promote: see the log".into()));
-                continue;
             }
             Err(e) => {
                 error!(peer = conn.peer_name(), error = %e, "session ended");
@@ -230,6 +205,24 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     }
     endpoint.close(0, "backup stopping");
     Ok(())
+}
+
+/// Takes over; returns whether the VM runs here now. When it does not (no lease), the primary
+/// may well be alive: the caller serves it again when it comes back.
+async fn take_over_or_listen(
+    cfg: &BackupConfig,
+    endpoint: &Endpoint,
+    t: Takeover,
+    stop: &Arc<AtomicBool>,
+    why: String,
+) -> Result<bool, BackupError> {
+    cfg.status.set_state("promoting", Some(why));
+    let promoted = crate::failover::take_over(cfg, endpoint, t, Arc::clone(stop)).await?;
+    if !promoted {
+        cfg.status
+            .set_state("listening", Some("did not promote: see the log".into()));
+    }
+    Ok(promoted)
 }
 
 fn dump(dir: &Path, held: &Replicated) -> std::io::Result<()> {
