@@ -158,6 +158,12 @@ fn a_promoted_backup_reprotects_and_survives_a_second_failover() {
             &backup2_addr,
             "--witness",
             &witness_addr,
+            // 1 s rather than the drill's 300 ms: on 2 shared cores, a whole-machine stall of
+            // 200-300 ms under parallel tests fenced nodes that nobody killed (3 of 25 runs).
+            "--failure-timeout",
+            "1s",
+            "--lease-ttl",
+            "1s",
         ]),
     );
     let mut backup1 = Proc::spawn(
@@ -171,6 +177,12 @@ fn a_promoted_backup_reprotects_and_survives_a_second_failover() {
             &backup1_addr,
             "--witness",
             &witness_addr,
+            // 1 s rather than the drill's 300 ms: on 2 shared cores, a whole-machine stall of
+            // 200-300 ms under parallel tests fenced nodes that nobody killed (3 of 25 runs).
+            "--failure-timeout",
+            "1s",
+            "--lease-ttl",
+            "1s",
             "--protect-to",
             &backup2_addr,
             "--protect-to-name",
@@ -186,7 +198,7 @@ fn a_promoted_backup_reprotects_and_survives_a_second_failover() {
         wait_log(&backup2, "backup listening", Duration::from_secs(10), &all);
         wait_log(&backup1, "backup listening", Duration::from_secs(10), &all);
     }
-    // The drill's primary: default epoch, heartbeat, failure timeout and lease.
+    // The drill's primary: default epoch and heartbeat; 1 s failure timeout and lease.
     let mut primary = Proc::spawn(
         dir,
         "primary",
@@ -198,6 +210,12 @@ fn a_promoted_backup_reprotects_and_survives_a_second_failover() {
             &backup1_addr,
             "--witness",
             &witness_addr,
+            // 1 s rather than the drill's 300 ms: on 2 shared cores, a whole-machine stall of
+            // 200-300 ms under parallel tests fenced nodes that nobody killed (3 of 25 runs).
+            "--failure-timeout",
+            "1s",
+            "--lease-ttl",
+            "1s",
             "--workload",
             "ledger",
             "--memory",

@@ -155,7 +155,8 @@ pub async fn keep_lease(src: LeaseSource, mut lease: WitnessLease, first: LeaseS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_duration_since(Instant::now());
-        if left >= k.ttl * 2 / 3 && k.succession.settled() {
+        // Our view of a grant lasts ttl - margin (200 ms of a 300 ms lease): renew halfway.
+        if left >= k.ttl / 3 && k.succession.settled() {
             continue;
         }
         if broken || lease.is_broken() {
