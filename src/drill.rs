@@ -340,6 +340,7 @@ pub fn run(args: DrillArgs) -> Result<i32> {
         );
     }
     crate::metrics::install(args.metrics)?;
+    crate::metrics::zero_counters(&["understudy_drills_total", "understudy_drills_passed_total"]);
     let mut reports = Vec::new();
     for run in 1..=args.repeat {
         let phase = match args.kill_at.as_str() {

@@ -263,6 +263,26 @@ pub fn install(addr: Option<SocketAddr>) -> Result<()> {
     Ok(())
 }
 
+/// Makes the counters `names` appear at 0 (for every allowed value of their labels) before
+/// their first event, so that rates, increases and alerts see a series from the start rather
+/// than none (a promotion or a fence may never happen in a process's life).
+pub fn zero_counters(names: &[&'static str]) {
+    for def in CATALOG
+        .iter()
+        .filter(|d| d.kind == Kind::Counter && names.contains(&d.name))
+    {
+        match def.labels {
+            [] => metrics::counter!(def.name).increment(0),
+            [(label, values)] => {
+                for v in values.iter() {
+                    metrics::counter!(def.name, *label => *v).increment(0);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// HELP and TYPE lines for every metric of the catalog.
 fn describe() {
     for def in CATALOG {

@@ -183,6 +183,14 @@ fn parse_on_backup_loss(s: &str) -> Result<understudy_primary::OnBackupLoss, Str
 pub fn primary(args: PrimaryArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
+    crate::metrics::zero_counters(&[
+        "understudy_epochs_total",
+        "understudy_fenced_total",
+        "understudy_bytes_raw_total",
+        "understudy_bytes_encoded_total",
+        "understudy_bytes_wire_total",
+        "understudy_pages_total",
+    ]);
     let stop = stop_flag()?;
     let status = understudy_primary::status::StatusBoard::new("primary", &args.vm_id);
     let switchover = understudy_primary::status::Switchover::new();
@@ -332,6 +340,12 @@ fn reprotect_config(
 pub fn backup(args: BackupArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
+    crate::metrics::zero_counters(&[
+        "understudy_epochs_total",
+        "understudy_promotions_total",
+        "understudy_digest_mismatches_total",
+        "understudy_fenced_total",
+    ]);
     let stop = stop_flag()?;
     let status = understudy_primary::status::StatusBoard::new("backup", &args.vm_id);
     let protect_to = args

@@ -100,6 +100,7 @@ impl Leases {
 pub fn run(args: WitnessArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
+    crate::metrics::zero_counters(&["understudy_lease_handovers_total"]);
     let identity = Identity::load(&args.tls.files("witness"))?;
     let rt = crate::protect::runtime()?;
     rt.block_on(async move {

@@ -380,9 +380,21 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
     }
     let mut problems = Vec::new();
     let named = dashboard_metrics();
+    // A histogram has no series before its first sample (the exporter cannot show an empty
+    // one): those that only an event fills (a promotion) are checked after the failover, with
+    // the rest of the catalog, below.
+    let event_histogram = |n: &str| {
+        catalog::CATALOG
+            .iter()
+            .any(|m| m.name == n && m.kind == catalog::Kind::Histogram)
+    };
     let absent: Vec<&String> = named
         .iter()
-        .filter(|n| !running.samples.contains_key(*n) && !DRILL_PROCESS.contains(&n.as_str()))
+        .filter(|n| {
+            !running.samples.contains_key(*n)
+                && !DRILL_PROCESS.contains(&n.as_str())
+                && !event_histogram(n)
+        })
         .collect();
     if !absent.is_empty() {
         problems.push(format!(
@@ -614,8 +626,12 @@ fn prometheus_evaluates_every_dashboard_query() {
         Ok(mut drill) => {
             let t = Instant::now();
             loop {
-                let seen = scrape(&drill_addr)
-                    .is_ok_and(|sc| sc.samples.contains_key("understudy_drills_total"));
+                // The drill's counters are served at 0 from its start; the last-success time
+                // appears when the drill has passed.
+                let seen = scrape(&drill_addr).is_ok_and(|sc| {
+                    sc.samples
+                        .contains_key("understudy_drill_last_success_timestamp_seconds")
+                });
                 if seen {
                     // Two Prometheus scrapes of the final values.
                     std::thread::sleep(Duration::from_millis(2500));
@@ -626,7 +642,8 @@ fn prometheus_evaluates_every_dashboard_query() {
                     || t.elapsed() > Duration::from_secs(60)
                 {
                     problems.push(format!(
-                        "the drill ended (or ran 60 s) without serving understudy_drills_total: \
+                        "the drill ended (or ran 60 s) without passing (no \
+                         understudy_drill_last_success_timestamp_seconds): \
                          {}{}",
                         drill.out(),
                         tail(&drill.err())
