@@ -243,18 +243,25 @@ pub const CATALOG: &[MetricDef] = &[
     ),
 ];
 
-/// Serves `/metrics` on `addr` when given; metric macros are no-ops otherwise.
-pub fn install(addr: Option<SocketAddr>) -> Result<()> {
-    let Some(addr) = addr else {
-        return Ok(());
-    };
-    let mut builder = PrometheusBuilder::new().with_http_listener(addr);
+/// The exporter as Understudy configures it: real Prometheus histograms (buckets from the
+/// catalog), not summaries.
+fn builder() -> Result<PrometheusBuilder> {
+    let mut builder = PrometheusBuilder::new();
     for def in CATALOG.iter().filter(|d| d.kind == Kind::Histogram) {
         builder = builder
             .set_buckets_for_metric(Matcher::Full(def.name.to_string()), def.buckets)
             .with_context(|| format!("buckets of {}", def.name))?;
     }
-    builder
+    Ok(builder)
+}
+
+/// Serves `/metrics` on `addr` when given; metric macros are no-ops otherwise.
+pub fn install(addr: Option<SocketAddr>) -> Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    builder()?
+        .with_http_listener(addr)
         .install()
         .with_context(|| format!("serving metrics on {addr}"))?;
     describe();
@@ -265,18 +272,21 @@ pub fn install(addr: Option<SocketAddr>) -> Result<()> {
 
 /// Makes the counters `names` appear at 0 (for every allowed value of their labels) before
 /// their first event, so that rates, increases and alerts see a series from the start rather
-/// than none (a promotion or a fence may never happen in a process's life).
+/// than none (a promotion or a fence may never happen in a process's life). Histograms named
+/// here are registered too: they are served with empty buckets (count 0) until the first
+/// sample.
 pub fn zero_counters(names: &[&'static str]) {
-    for def in CATALOG
-        .iter()
-        .filter(|d| d.kind == Kind::Counter && names.contains(&d.name))
-    {
-        match def.labels {
-            [] => metrics::counter!(def.name).increment(0),
-            [(label, values)] => {
+    for def in CATALOG.iter().filter(|d| names.contains(&d.name)) {
+        match (def.kind, def.labels) {
+            (Kind::Counter, []) => metrics::counter!(def.name).increment(0),
+            (Kind::Counter, [(label, values)]) => {
                 for v in values.iter() {
                     metrics::counter!(def.name, *label => *v).increment(0);
                 }
+            }
+            (Kind::Histogram, []) => {
+                // Registering is enough: the exporter renders a registered histogram.
+                let _ = metrics::histogram!(def.name);
             }
             _ => {}
         }
@@ -370,6 +380,71 @@ mod tests {
                 assert!(d.buckets.is_empty(), "{n}: buckets on a non-histogram");
             }
         }
+    }
+
+    /// What the endpoint serves, through the same exporter configuration as `install`.
+    fn render(emit: impl FnOnce()) -> String {
+        let recorder = builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            emit();
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn histograms_are_served_with_buckets_and_help() {
+        let text = render(|| {
+            metrics::histogram!("understudy_pause_seconds").record(0.0003);
+            metrics::counter!("understudy_fenced_total").increment(1);
+        });
+        assert!(
+            text.contains("# TYPE understudy_pause_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_pause_seconds_bucket{le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("understudy_pause_seconds_bucket{le=\"+Inf\"} 1"));
+        assert!(
+            !text.contains("quantile="),
+            "a summary, not a histogram: {text}"
+        );
+        assert!(text.contains("# HELP understudy_fenced_total "), "{text}");
+        assert!(
+            text.contains("# TYPE understudy_fenced_total counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn zeroed_counters_and_registered_histograms_are_served_before_any_event() {
+        let text = render(|| {
+            zero_counters(&[
+                "understudy_promotions_total",
+                "understudy_fenced_total",
+                "understudy_promotion_seconds",
+            ])
+        });
+        for reason in ["primary_failed", "admin", "lease_refused"] {
+            assert!(
+                text.contains(&format!(
+                    "understudy_promotions_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("understudy_fenced_total 0"), "{text}");
+        assert!(
+            text.contains("understudy_promotion_seconds_bucket{le=\"+Inf\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_promotion_seconds_count 0"),
+            "{text}"
+        );
     }
 
     #[test]
