@@ -149,6 +149,10 @@ pub struct PrimaryArgs {
     /// Test knob: see --kill-at.
     #[arg(long, hide = true)]
     kill_epoch: Option<u64>,
+    /// Test knob: announce protocol versions MIN-MAX in Hello (e.g. 0-0, a version nobody
+    /// speaks), to check how a backup refuses a primary it cannot talk to.
+    #[arg(long, hide = true, value_parser = parse_versions)]
+    announce_versions: Option<(u16, u16)>,
     /// Heartbeat interval on the control stream.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     heartbeat_interval: Duration,
@@ -170,6 +174,14 @@ pub struct PrimaryArgs {
     /// e.g. 127.0.0.1:7600. Plain HTTP: bind it to loopback or a management network.
     #[arg(long)]
     admin: Option<SocketAddr>,
+}
+
+fn parse_versions(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: use MIN-MAX, e.g. 1-2"))?;
+    let p = |x: &str| x.parse::<u16>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((p(a)?, p(b)?))
 }
 
 fn parse_on_backup_loss(s: &str) -> Result<understudy_primary::OnBackupLoss, String> {
@@ -232,6 +244,7 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         reconnect_interval: args.reconnect_interval,
         status,
         switchover,
+        versions: args.announce_versions,
     };
     let summary = runtime()?.block_on(async move {
         if let Some((addr, admin)) = admin {
@@ -334,6 +347,7 @@ fn reprotect_config(
         reconnect_interval: Duration::from_secs(1),
         status: status.clone(),
         switchover: understudy_primary::status::Switchover::new(),
+        versions: None,
     }
 }
 

@@ -89,6 +89,8 @@ pub struct PrimaryConfig {
     pub on_backup_loss: OnBackupLoss,
     /// How often to try to reach the backup again after losing it.
     pub reconnect_interval: Duration,
+    /// Test knob: the protocol versions announced in Hello (default: the ones this build speaks).
+    pub versions: Option<(u16, u16)>,
     /// What the admin endpoint reports.
     pub status: status::StatusBoard,
     /// A planned switchover to the backup, requested through the admin endpoint.

@@ -344,8 +344,8 @@ async fn open_link(
         .map_err(|e| PrimaryError::Link(e.to_string()))?;
     let (mut tx, mut rx) = control.split();
     let hello = Hello {
-        min_version: MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
+        min_version: cfg.versions.map_or(MIN_PROTOCOL_VERSION, |v| v.0),
+        max_version: cfg.versions.map_or(PROTOCOL_VERSION, |v| v.1),
         mode: Mode::Protect,
         vm_id: cfg.vm_id.clone(),
         layout: map.layout(),
