@@ -41,7 +41,7 @@ pub struct DrillArgs {
     keep: Option<PathBuf>,
     /// Serve Prometheus metrics (drills run and passed, last success) on this address while
     /// the drills run.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::metrics::parse_addr)]
     metrics: Option<std::net::SocketAddr>,
     /// With --metrics: keep serving this long after the last drill (for a scrape to see it).
     #[arg(long, default_value = "0s", value_parser = crate::protect::parse_duration)]

@@ -270,6 +270,17 @@ pub fn install(addr: Option<SocketAddr>) -> Result<()> {
     Ok(())
 }
 
+/// Parses `--metrics`: `HOST:PORT`, or a bare `PORT` on 127.0.0.1 (metrics stay on loopback
+/// unless an address is named explicitly).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?}: use a port (on 127.0.0.1) or HOST:PORT, e.g. 9100 or 0.0.0.0:9100")
+    })
+}
+
 /// Makes the counters `names` appear at 0 (for every allowed value of their labels) before
 /// their first event, so that rates, increases and alerts see a series from the start rather
 /// than none (a promotion or a fence may never happen in a process's life). Histograms named

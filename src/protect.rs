@@ -159,8 +159,8 @@ pub struct PrimaryArgs {
     /// Test knob: append a JSON line per console release (epoch, bytes, unix_ns) to this file.
     #[arg(long, hide = true)]
     release_journal: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
-    #[arg(long)]
+    /// Serve Prometheus metrics: a port (on 127.0.0.1) or HOST:PORT, e.g. 9100.
+    #[arg(long, value_parser = crate::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
     /// When the backup is lost: `continue` runs the guest on unprotected (console output is
     /// no longer held back) while reconnecting; `pause` pauses it until a backup is back.
@@ -294,8 +294,8 @@ pub struct BackupArgs {
     /// Test knob: append a JSON line per Ack sent (epoch, unix_ns) to this file.
     #[arg(long, hide = true)]
     ack_journal: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
-    #[arg(long)]
+    /// Serve Prometheus metrics: a port (on 127.0.0.1) or HOST:PORT, e.g. 9101.
+    #[arg(long, value_parser = crate::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
     /// Re-protection: after promoting, protect the VM with the backup at this address (full
     /// sync, then epochs, as a primary would).

@@ -30,8 +30,8 @@ pub struct WitnessArgs {
     /// Longest lease granted (requests asking for more get this).
     #[arg(long, default_value = "10s", value_parser = crate::protect::parse_duration)]
     max_ttl: Duration,
-    /// Serve Prometheus metrics on this address.
-    #[arg(long)]
+    /// Serve Prometheus metrics: a port (on 127.0.0.1) or HOST:PORT, e.g. 9102.
+    #[arg(long, value_parser = crate::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
 }
 
