@@ -143,7 +143,23 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
         cfg.status.set_state("receiving", None);
         cfg.status
             .update(|s| s.peer = Some(conn.peer_name().to_string()));
-        let served = serve(&cfg, &conn).await;
+        // One primary at a time: others are refused at once (with the reason) rather than
+        // left waiting, and cannot disturb the session being served.
+        let served = {
+            let serving = serve(&cfg, &conn);
+            tokio::pin!(serving);
+            loop {
+                tokio::select! {
+                    r = &mut serving => break r,
+                    other = endpoint.accept_incoming() => match other {
+                        Some(other) => {
+                            tokio::spawn(refuse_busy(other, conn.peer_name().to_string()));
+                        }
+                        None => break (&mut serving).await,
+                    },
+                }
+            }
+        };
         metrics::gauge!("understudy_peer_connected").set(0.0);
         cfg.status.update(|s| s.peer = None);
         match served {
@@ -205,6 +221,18 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     }
     endpoint.close(0, "backup stopping");
     Ok(())
+}
+
+/// Refuses a connection that arrives while another primary is being served.
+async fn refuse_busy(incoming: understudy_transport::Incoming, serving: String) {
+    match incoming.handshake().await {
+        Ok(c) => {
+            warn!(peer = c.peer_name(), addr = %c.remote_address(), serving = %serving,
+                "refused a second connection: this backup already serves a primary; nothing applied");
+            c.close(5, &format!("busy: this backup already serves {serving}"));
+        }
+        Err(e) => warn!(error = %e, "refused a connection; nothing applied"),
+    }
 }
 
 /// Takes over; returns whether the VM runs here now. When it does not (no lease), the primary
