@@ -7,6 +7,7 @@ mod config;
 mod drill;
 mod metrics;
 mod protect;
+mod relay;
 mod run;
 mod witness;
 mod workload;
@@ -41,6 +42,9 @@ enum Command {
     /// Manage the private CA and node certificates for mutual TLS.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// A UDP relay with delay, jitter, loss, a bandwidth limit and a blackhole on demand, to
+    /// put between a primary and its backup in tests and drills.
+    Relay(relay::RelayArgs),
     /// Show a node's role, peer, protection state, last epoch and lag (its --admin endpoint).
     Status(admin::StatusArgs),
     /// Planned switchover: the primary pauses, its last epoch is committed, the backup takes
@@ -79,6 +83,7 @@ fn main() {
         Command::Witness(args) => witness::run(args),
         Command::Drill(args) => drill::run(args),
         Command::Status(args) => admin::status(args),
+        Command::Relay(args) => relay::run(args),
         Command::Promote(args) => admin::promote(args),
     };
     match result {
