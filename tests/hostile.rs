@@ -71,6 +71,31 @@ async fn wait_closed(conn: &understudy_transport::Connection) -> String {
     panic!("the backup did not close the hostile connection within 5 s");
 }
 
+/// A hostile session that got as far as the backup's Welcome; returns its control sender.
+async fn welcomed(
+    d: &Path,
+    addr: SocketAddr,
+) -> (
+    Endpoint,
+    understudy_transport::Connection,
+    understudy_transport::FrameSender,
+) {
+    let limits = Limits::default();
+    let (ep, conn) = mallory(d, addr).await;
+    let (mut tx, mut rx) = conn
+        .open_control(limits.max_frame_len)
+        .await
+        .unwrap()
+        .split();
+    messages::send(&mut tx, &hello(16384)).await.unwrap();
+    let welcome = rx.read_frame().await.unwrap().unwrap();
+    assert!(matches!(
+        messages::decode(&welcome, &limits),
+        Ok(Message::Welcome(_))
+    ));
+    (ep, conn, tx)
+}
+
 /// Runs the hostile sessions one after another; returns the close reasons.
 async fn attacks(d: &Path, addr: SocketAddr) -> Vec<String> {
     let limits = Limits::default();
@@ -87,58 +112,24 @@ async fn attacks(d: &Path, addr: SocketAddr) -> Vec<String> {
         .unwrap();
     reasons.push(wait_closed(&conn).await);
     // 2. A valid Hello, then a chunk stream carrying junk.
-    let (_ep, conn) = mallory(d, addr).await;
-    let (mut tx, mut rx) = conn
-        .open_control(limits.max_frame_len)
-        .await
-        .unwrap()
-        .split();
-    messages::send(&mut tx, &hello(16384)).await.unwrap();
-    let welcome = rx.read_frame().await.unwrap().unwrap();
-    assert!(matches!(
-        messages::decode(&welcome, &limits),
-        Ok(Message::Welcome(_))
-    ));
+    let (_ep, conn, _tx) = welcomed(d, addr).await;
     let mut uni = conn.open_uni().await.unwrap();
     uni.send(&[0xff; 64]).await.unwrap();
     let _ = uni.finish();
     reasons.push(wait_closed(&conn).await);
-    // 3. A valid Hello, then a Commit whose chunks never come.
-    let (_ep, conn) = mallory(d, addr).await;
-    let (mut tx, mut rx) = conn
-        .open_control(limits.max_frame_len)
-        .await
-        .unwrap()
-        .split();
-    messages::send(&mut tx, &hello(16384)).await.unwrap();
-    let _ = rx.read_frame().await.unwrap();
-    let commit = Message::Commit(understudy_protocol::Commit {
-        epoch: 1,
-        chunk_count: 3,
-        page_count: 10,
-        digest: understudy_protocol::Digest([7; 32]),
-        state: Vec::new(),
-    });
-    messages::send(&mut tx, &commit).await.unwrap();
-    reasons.push(wait_closed(&conn).await);
-    // 4. A Commit for an epoch out of order.
-    let (_ep, conn) = mallory(d, addr).await;
-    let (mut tx, mut rx) = conn
-        .open_control(limits.max_frame_len)
-        .await
-        .unwrap()
-        .split();
-    messages::send(&mut tx, &hello(16384)).await.unwrap();
-    let _ = rx.read_frame().await.unwrap();
-    let commit = Message::Commit(understudy_protocol::Commit {
-        epoch: 99,
-        chunk_count: 0,
-        page_count: 0,
-        digest: understudy_protocol::Digest([0; 32]),
-        state: Vec::new(),
-    });
-    messages::send(&mut tx, &commit).await.unwrap();
-    reasons.push(wait_closed(&conn).await);
+    // 3. A valid Hello, then a Commit whose chunks never come; 4. a Commit out of order.
+    for (epoch, chunk_count, page_count) in [(1, 3, 10), (99, 0, 0)] {
+        let (_ep, conn, mut tx) = welcomed(d, addr).await;
+        let commit = Message::Commit(understudy_protocol::Commit {
+            epoch,
+            chunk_count,
+            page_count,
+            digest: understudy_protocol::Digest([7; 32]),
+            state: Vec::new(),
+        });
+        messages::send(&mut tx, &commit).await.unwrap();
+        reasons.push(wait_closed(&conn).await);
+    }
     reasons
 }
 
