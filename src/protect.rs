@@ -359,6 +359,7 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         "understudy_promotions_total",
         "understudy_digest_mismatches_total",
         "understudy_fenced_total",
+        "understudy_promotion_seconds",
     ]);
     let stop = stop_flag()?;
     let status = understudy_primary::status::StatusBoard::new("backup", &args.vm_id);
