@@ -170,7 +170,8 @@ pub fn transport_config(opts: &TransportOptions) -> Result<TransportConfig, TlsC
         .send_window(opts.send_window)
         .max_concurrent_uni_streams(VarInt::from_u32(opts.max_concurrent_uni_streams))
         .max_concurrent_bidi_streams(VarInt::from_u32(opts.max_concurrent_bidi_streams))
-        .mtu_discovery_config(Some(mtu));
+        .mtu_discovery_config(Some(mtu))
+        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     Ok(transport)
 }
 
