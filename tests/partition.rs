@@ -36,6 +36,8 @@
 //! Needs root, `ip` (iproute2) with network namespaces, `nft` (nftables) and /dev/kvm; when one
 //! is missing the test fails and says which (`scripts/ensure-deps.sh` installs the tools).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{log_time, unix_ns_now};
 use understudy_vmm::guests::ledger_ticks;
 
 const BIN: &str = env!("CARGO_BIN_EXE_understudy");
@@ -78,34 +81,6 @@ fn observe_for() -> Duration {
         + LEASE_TTL
         + LEASE_REQUEST_TIMEOUT
         + AFTER
-}
-
-fn unix_ns_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as f64)
-        .unwrap_or(0.0)
-}
-
-/// Unix time in ns of a log line's leading RFC 3339 UTC timestamp (as in `src/drill.rs`).
-fn log_time(line: &str) -> Option<f64> {
-    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm) = (
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-    );
-    let ss: f64 = t.next()?.parse().ok()?;
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days as f64 * 86_400.0) + hh * 3600.0 + mm * 60.0 + ss) * 1e9)
 }
 
 /// `key=value` (digits) in a log line.

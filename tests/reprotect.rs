@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use understudy_vmm::guests::ledger_ticks;
@@ -58,37 +58,8 @@ fn field(log: &str, line_has: &str, key: &str) -> Option<f64> {
     v.parse().ok()
 }
 
-/// Unix time in ns of a log line's leading RFC 3339 UTC timestamp (`2026-11-22T04:38:54.735541Z`).
-fn log_time(line: &str) -> Option<f64> {
-    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm) = (
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-    );
-    let ss: f64 = t.next()?.parse().ok()?;
-    // Days from the civil date (H. Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days as f64 * 86_400.0) + hh * 3600.0 + mm * 60.0 + ss) * 1e9)
-}
-
 fn line_time(log: &str, needle: &str) -> Option<f64> {
     log.lines().find(|l| l.contains(needle)).and_then(log_time)
-}
-
-fn unix_ns_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as f64)
-        .unwrap_or(0.0)
 }
 
 /// SIGKILLs `p` and reaps it; returns the wall-clock time of the kill (unix ns).
