@@ -12,6 +12,7 @@ use clap::Args;
 use tracing::info;
 use understudy_backup::BackupConfig;
 use understudy_primary::PrimaryConfig;
+use understudy_protocol::MAX_EPOCHS_IN_FLIGHT;
 use understudy_transport::TlsFiles;
 
 use crate::workload::GuestArgs;
@@ -126,7 +127,7 @@ pub struct PrimaryArgs {
     #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
     epoch: Duration,
     /// Epochs between capture and the backup's Ack at most; when reached, epochs get longer.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=MAX_EPOCHS_IN_FLIGHT))]
     max_in_flight: u64,
     /// Encoder worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]

@@ -9,10 +9,15 @@ use std::time::Duration;
 use common::*;
 use understudy_vmm::guests::ledger_ticks;
 
+/// These tests are about replication, not failure detection: with four pairs of processes on
+/// two cores, the 300 ms default once let a stall end a session (and the `--once` backup) in CI.
+const FAILURE_TIMEOUT: &str = "2s";
+
 fn backup_args(dir: &std::path::Path, port: u16, extra: &[&str]) -> Vec<String> {
     let mut a = s(&["backup", "--certs"]);
     a.push(dir.join("certs").display().to_string());
     a.extend(s(&["--listen", &format!("127.0.0.1:{port}"), "--once"]));
+    a.extend(s(&["--failure-timeout", FAILURE_TIMEOUT]));
     a.extend(s(extra));
     a
 }
@@ -26,6 +31,7 @@ fn primary_args(dir: &std::path::Path, port: u16, certs: &str, extra: &[&str]) -
     ]);
     a.push(dir.join(certs).display().to_string());
     a.extend(s(&["--workload", "ledger", "--memory", "256M"]));
+    a.extend(s(&["--failure-timeout", FAILURE_TIMEOUT]));
     a.extend(s(extra));
     a
 }

@@ -22,9 +22,6 @@ use crate::failover::Takeover;
 use crate::image::{HotImage, Replicated};
 use crate::BackupConfig;
 
-/// Epochs beyond the last committed one for which chunks may be staged.
-const MAX_EPOCHS_AHEAD: u64 = 8;
-
 /// Why the backup stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -583,7 +580,7 @@ async fn session_loop(
                     .ok_or_else(|| SessionError::Link("chunk receiver ended".into()))?
                     .map_err(SessionError::Protocol)?;
                 let e = chunk.epoch;
-                if e <= committed || e > committed + MAX_EPOCHS_AHEAD {
+                if !understudy_protocol::epoch_in_window(e, committed) {
                     return Err(SessionError::Protocol(format!(
                         "chunk for epoch {e} while epoch {committed} is the last committed"
                     )));

@@ -895,14 +895,18 @@ async fn session(
         cfg.failure_timeout,
     );
     let abort = Arc::new(AtomicBool::new(false));
-    let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    // The backup refuses chunks further ahead than the protocol's window.
+    let window = cfg
+        .max_in_flight
+        .clamp(1, understudy_protocol::MAX_EPOCHS_IN_FLIGHT as usize);
+    let slots = Arc::new(Semaphore::new(window));
     // Whatever ends this function also ends the capture thread.
     let halt = Halt {
         stop: Arc::clone(&abort),
         slots: Arc::clone(&slots),
     };
-    let (cap_tx, cap_rx) = mpsc::channel::<Captured>(cfg.max_in_flight.max(1));
-    let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(cfg.max_in_flight.max(1));
+    let (cap_tx, cap_rx) = mpsc::channel::<Captured>(window);
+    let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(window);
     let encoder = EncoderState::new(
         sh.map.total(),
         EncoderConfig {

@@ -119,7 +119,42 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still accepts (the previous one).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
+/// The most epochs a primary may have between capture and the backup's `Ack`. A primary sends
+/// chunks of epoch E only once epoch E - MAX_EPOCHS_IN_FLIGHT is acknowledged, and a backup
+/// acknowledges only what it has applied, so a backup stages chunks for at most this many
+/// epochs beyond its last applied one and refuses anything further ahead. One constant for both
+/// sides: when the primary's window was larger than the backup's, a backup that fell behind
+/// applying (a stall under load) ended a healthy session.
+pub const MAX_EPOCHS_IN_FLIGHT: u64 = 16;
+
+/// Whether a backup whose last applied epoch is `applied` may stage a chunk of `epoch`.
+pub fn epoch_in_window(epoch: u64, applied: u64) -> bool {
+    epoch > applied && epoch - applied <= MAX_EPOCHS_IN_FLIGHT
+}
+
 /// Whether this build accepts frames of protocol `version`.
 pub fn version_supported(version: u16) -> bool {
     (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backup_stages_every_epoch_a_primary_may_have_in_flight() {
+        // The primary's fullest window: epochs applied+1 ..= applied+MAX in flight, the backup
+        // has applied (and acknowledged) nothing beyond `applied`.
+        for applied in [0, 1, 1000] {
+            for e in applied + 1..=applied + MAX_EPOCHS_IN_FLIGHT {
+                assert!(epoch_in_window(e, applied), "epoch {e} after {applied}");
+            }
+            assert!(!epoch_in_window(applied, applied), "an applied epoch again");
+            assert!(!epoch_in_window(
+                applied + MAX_EPOCHS_IN_FLIGHT + 1,
+                applied
+            ));
+        }
+        assert!(!epoch_in_window(u64::MAX, 0));
+    }
 }

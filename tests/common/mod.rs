@@ -109,6 +109,16 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows the whole story of every process it started, not only the
+            // one whose check failed (the logs live in a temporary directory that goes away).
+            eprintln!(
+                "---- {} (exit {:?}) stderr ----\n{}",
+                self.stderr.display(),
+                self.child.try_wait().ok().flatten(),
+                self.err()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
