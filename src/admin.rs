@@ -2,7 +2,8 @@
 //! `understudy status` and `understudy promote` (planned switchover).
 //!
 //! Plain HTTP/1.0 with JSON bodies, bound to an address the operator names (loopback by
-//! convention): `GET /status` on any node; `POST /switchover` on a primary.
+//! convention): `GET /status` on any node; `POST /switchover`, `POST /migrate?...` and
+//! `POST /evict` on a primary.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -13,7 +14,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
-use understudy_primary::status::{NodeStatus, StatusBoard, Switchover, SwitchoverReport};
+use understudy_primary::migrate::{
+    Algorithm, MigrationReport, NoConvergence, PrecopyPolicy, QuickEviction,
+};
+use understudy_primary::status::{
+    MigrateRequest, Migration, NodeStatus, StatusBoard, Switchover, SwitchoverReport,
+};
 
 /// How long `POST /switchover` waits for the switchover to finish.
 const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
@@ -24,6 +30,22 @@ pub struct Admin {
     pub status: StatusBoard,
     /// Present on a primary.
     pub switchover: Option<Arc<Switchover>>,
+    /// Present on a primary.
+    pub migration: Option<Arc<Migration>>,
+}
+
+/// Requests being answered.
+static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits (up to `timeout`) until every request under way has been answered: a primary whose
+/// VM moved away exits right after, and the caller of `understudy migrate` waits for its report.
+pub async fn drain(timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while ACTIVE.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Binds `addr` and serves requests on the current runtime until the process ends.
@@ -38,10 +60,12 @@ pub async fn serve(addr: SocketAddr, admin: Admin) -> Result<()> {
                 continue;
             };
             let admin = admin.clone();
+            ACTIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 if let Err(e) = handle(stream, &admin).await {
                     warn!(%peer, error = %e, "admin request failed");
                 }
+                ACTIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
@@ -86,10 +110,17 @@ async fn handle(mut stream: tokio::net::TcpStream, admin: &Admin) -> Result<()> 
                 }
             }
         },
-        _ => (404, error_json("use GET /status or POST /switchover")),
+        ("POST", p) if p.starts_with("/migrate") => migrate_request(admin, p).await?,
+        ("POST", "/evict") => evict_request(admin).await?,
+        _ => (
+            404,
+            error_json("use GET /status, POST /switchover, POST /migrate?... or POST /evict"),
+        ),
     };
     let reason = match code {
         200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
         404 => "Not Found",
         409 => "Conflict",
         504 => "Gateway Timeout",
@@ -102,6 +133,111 @@ async fn handle(mut stream: tokio::net::TcpStream, admin: &Admin) -> Result<()> 
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+/// `POST /migrate?algorithm=..&to=..[&to_name=..&downtime_budget_ms=..&max_rounds=..
+/// &timeout_ms=..&on_no_convergence=..&eviction_target_ms=..]`: precopy answers when the move
+/// is over; quick eviction answers once its background snapshots have started.
+async fn migrate_request(admin: &Admin, path: &str) -> Result<(u16, String)> {
+    let Some(m) = &admin.migration else {
+        return Ok((404, error_json("this node is not a primary")));
+    };
+    let req = match parse_migrate(path) {
+        Ok(r) => r,
+        Err(e) => return Ok((400, error_json(&e))),
+    };
+    let quick = req.algorithm == Algorithm::QuickEviction;
+    if !m.request(req.clone()) {
+        return Ok((409, error_json("a move is already under way")));
+    }
+    info!(algorithm = req.algorithm.name(), to = %req.to, "move requested through the admin endpoint");
+    if quick {
+        // The eviction itself comes later (`POST /evict`); report a failure to start at once.
+        return Ok(match m.outcome.wait(Duration::from_secs(2)).await {
+            Some(r) if !r.ok => (500, serde_json::to_string(&r)?),
+            _ => (202, serde_json::json!({
+                "message": format!("quick eviction to {}: snapshots are being shipped; evict with `understudy evict`", req.to)
+            }).to_string()),
+        });
+    }
+    outcome(m.outcome.wait(MOVE_PATIENCE).await)
+}
+
+/// `POST /evict`: a quick-eviction move under way ships its last dirt; a protected VM switches
+/// over to its backup.
+async fn evict_request(admin: &Admin) -> Result<(u16, String)> {
+    let (Some(m), Some(sw)) = (&admin.migration, &admin.switchover) else {
+        return Ok((404, error_json("this node is not a primary")));
+    };
+    if m.evict() {
+        info!("eviction requested through the admin endpoint");
+        return outcome(m.outcome.wait(MOVE_PATIENCE).await);
+    }
+    if m.requested().is_some() {
+        return Ok((409, error_json("a move other than quick eviction is under way, or the eviction was already asked for")));
+    }
+    if !sw.request() {
+        return Ok((409, error_json("a switchover is already under way")));
+    }
+    info!("eviction of a protected VM requested: planned switchover to its backup");
+    let r = sw.wait(SWITCHOVER_PATIENCE).await.map(|r| MigrationReport {
+        algorithm: "switchover".into(),
+        ok: r.ok,
+        message: r.message,
+        downtime_ms: r.downtime_ms,
+        ..MigrationReport::default()
+    });
+    outcome(r)
+}
+
+fn outcome(r: Option<MigrationReport>) -> Result<(u16, String)> {
+    Ok(match r {
+        Some(r) => (if r.ok { 200 } else { 500 }, serde_json::to_string(&r)?),
+        None => (
+            504,
+            error_json("the move did not finish in time; see the primary's log"),
+        ),
+    })
+}
+
+/// How long a move may take before the admin request gives up waiting (the move goes on).
+const MOVE_PATIENCE: Duration = Duration::from_secs(300);
+
+fn parse_migrate(path: &str) -> Result<MigrateRequest, String> {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let mut algorithm = None;
+    let mut to = None;
+    let mut to_name = "backup".to_string();
+    let mut precopy = PrecopyPolicy::default();
+    let mut quick = QuickEviction::default();
+    let ms = |v: &str, k: &str| {
+        v.parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("{k}={v:?}: {e}"))
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: use key=value"))?;
+        match k {
+            "algorithm" => algorithm = Some(v.parse::<Algorithm>()?),
+            "to" => to = Some(v.parse().map_err(|e| format!("to={v:?}: {e}"))?),
+            "to_name" => to_name = v.to_string(),
+            "downtime_budget_ms" => precopy.downtime_budget = ms(v, k)?,
+            "max_rounds" => precopy.max_rounds = v.parse().map_err(|e| format!("{k}: {e}"))?,
+            "timeout_ms" => precopy.timeout = ms(v, k)?,
+            "on_no_convergence" => precopy.on_no_convergence = v.parse::<NoConvergence>()?,
+            "eviction_target_ms" => quick.target = ms(v, k)?,
+            _ => return Err(format!("unknown parameter {k:?}")),
+        }
+    }
+    Ok(MigrateRequest {
+        algorithm: algorithm.ok_or("algorithm= is missing")?,
+        to: to.ok_or("to= is missing")?,
+        to_name,
+        precopy,
+        quick,
+    })
 }
 
 fn error_json(message: &str) -> String {
@@ -214,6 +350,126 @@ pub fn promote(args: PromoteArgs) -> Result<i32> {
         );
     }
     Ok(if report.ok { 0 } else { 1 })
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The source PRIMARY's admin endpoint (its --admin address); the primary runs without
+    /// --backup (a protected VM is moved to its backup with `understudy evict`).
+    #[arg(long)]
+    admin: SocketAddr,
+    /// precopy: live rounds, then a short stop-and-copy. quick-eviction: live snapshots in
+    /// the background at an interval adapted to the guest and the link, so that a later
+    /// `understudy evict` only ships the last dirty pages. Neither pauses the guest before the
+    /// final epoch, and the source keeps the VM until the destination runs it.
+    #[arg(long)]
+    algorithm: Algorithm,
+    /// The destination: an `understudy backup` listening there (host:port, UDP).
+    #[arg(long)]
+    to: SocketAddr,
+    /// The name in the destination's certificate.
+    #[arg(long, default_value = "backup")]
+    to_name: String,
+    /// precopy: the downtime the final stop-and-copy may take.
+    #[arg(long, default_value = "50ms", value_parser = crate::protect::parse_duration)]
+    downtime_budget: Duration,
+    /// precopy: live rounds after the full sync, at most (1..=1000).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_rounds: u32,
+    /// precopy: the rounds end after this long (from the start of the full sync).
+    #[arg(long, default_value = "60s", value_parser = crate::protect::parse_duration)]
+    timeout: Duration,
+    /// precopy, when the rounds end without converging: `stop-and-copy` completes the move
+    /// with a downtime above the budget; `abort` leaves the VM running here.
+    #[arg(long, default_value = "stop-and-copy")]
+    on_no_convergence: NoConvergence,
+    /// quick-eviction: the eviction time to stay under.
+    #[arg(long, default_value = "50ms", value_parser = crate::protect::parse_duration)]
+    eviction_target: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn migrate(args: MigrateArgs) -> Result<i32> {
+    let path = format!(
+        "/migrate?algorithm={}&to={}&to_name={}&downtime_budget_ms={}&max_rounds={}&timeout_ms={}&on_no_convergence={}&eviction_target_ms={}",
+        args.algorithm.name(),
+        args.to,
+        args.to_name,
+        args.downtime_budget.as_millis(),
+        args.max_rounds,
+        args.timeout.as_millis(),
+        match args.on_no_convergence {
+            NoConvergence::StopAndCopy => "stop-and-copy",
+            NoConvergence::Abort => "abort",
+        },
+        args.eviction_target.as_millis(),
+    );
+    let (code, body) = request(
+        args.admin,
+        "POST",
+        &path,
+        MOVE_PATIENCE + Duration::from_secs(5),
+    )?;
+    if code == 202 {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        println!("{}", v["message"].as_str().unwrap_or(&body));
+        return Ok(0);
+    }
+    print_report(args.admin, code, &body, args.json)
+}
+
+#[derive(Args)]
+pub struct EvictArgs {
+    /// The PRIMARY's admin endpoint. A VM under quick eviction ships its last dirty pages and
+    /// resumes on its destination; a protected VM switches over to its backup.
+    #[arg(long)]
+    admin: SocketAddr,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn evict(args: EvictArgs) -> Result<i32> {
+    let (code, body) = request(
+        args.admin,
+        "POST",
+        "/evict",
+        MOVE_PATIENCE + Duration::from_secs(5),
+    )?;
+    print_report(args.admin, code, &body, args.json)
+}
+
+fn print_report(admin: SocketAddr, code: u16, body: &str, json: bool) -> Result<i32> {
+    let r: MigrationReport = match serde_json::from_str(body) {
+        Ok(r) => r,
+        Err(_) => bail!("{admin} answered {code}: {body}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", describe_move(&r));
+    }
+    Ok(if r.ok { 0 } else { 1 })
+}
+
+/// A move's report in a few lines: the five properties.
+pub fn describe_move(r: &MigrationReport) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    format!(
+        "{} {}: {}\n  downtime {}  eviction {}  wire {:.1} MB  rounds {}  final pages {}  guest throughput {}  VM lost if a host fails: {}",
+        r.algorithm,
+        if r.ok { "done" } else { "FAILED" },
+        r.message,
+        ms(r.downtime_ms),
+        ms(r.eviction_ms),
+        r.wire_bytes as f64 / 1e6,
+        r.rounds,
+        r.final_pages,
+        r.throughput_ratio.map_or("-".into(), |t| format!("x{t:.2}")),
+        if r.vm_lost_if_a_host_fails { "yes" } else { "no" },
+    )
 }
 
 #[cfg(test)]

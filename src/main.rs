@@ -50,6 +50,12 @@ enum Command {
     /// Planned switchover: the primary pauses, its last epoch is committed, the backup takes
     /// over; prints the downtime.
     Promote(admin::PromoteArgs),
+    /// Move a running VM to another host (precopy or quick eviction), reporting downtime,
+    /// eviction time, bytes on the wire, guest slowdown and robustness.
+    Migrate(admin::MigrateArgs),
+    /// Evict a VM: a quick-eviction move ships its last dirty pages; a protected VM switches
+    /// over to its backup.
+    Evict(admin::EvictArgs),
 }
 
 fn main() {
@@ -85,6 +91,8 @@ fn main() {
         Command::Status(args) => admin::status(args),
         Command::Relay(args) => relay::run(args),
         Command::Promote(args) => admin::promote(args),
+        Command::Migrate(args) => admin::migrate(args),
+        Command::Evict(args) => admin::evict(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

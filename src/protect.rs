@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use tracing::info;
 use understudy_backup::BackupConfig;
@@ -110,9 +110,10 @@ pub struct PrimaryArgs {
     /// Read any of these flags from a TOML file (keys = long flag names); the command line wins.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The backup's address (host:port, UDP).
+    /// The backup's address (host:port, UDP). Without it the VM runs unprotected until it is
+    /// moved to another host with `understudy migrate --admin ...` (needs --admin).
     #[arg(long)]
-    backup: SocketAddr,
+    backup: Option<SocketAddr>,
     /// The name in the backup's certificate.
     #[arg(long, default_value = "backup")]
     backup_name: String,
@@ -207,18 +208,29 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
     let stop = stop_flag()?;
     let status = understudy_primary::status::StatusBoard::new("primary", &args.vm_id);
     let switchover = understudy_primary::status::Switchover::new();
+    let migration = understudy_primary::status::Migration::new();
     let admin = args.admin.map(|addr| {
         (
             addr,
             crate::admin::Admin {
                 status: status.clone(),
                 switchover: Some(Arc::clone(&switchover)),
+                migration: Some(Arc::clone(&migration)),
             },
         )
     });
+    let standalone = args.backup.is_none();
+    if standalone && args.failover.witness.is_some() {
+        bail!("--witness fences a protected VM: give --backup too, or leave --witness out");
+    }
+    if standalone && args.admin.is_none() {
+        bail!("without --backup the VM runs unprotected and can only be moved through the admin endpoint: give --admin ADDR (or --backup ADDR to protect it)");
+    }
     let cfg = PrimaryConfig {
         vm_id: args.vm_id,
-        backup: args.backup,
+        backup: args
+            .backup
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         backup_name: args.backup_name,
         tls: args.tls.files("primary"),
         workload: args.guest.workload()?,
@@ -246,12 +258,21 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         status,
         switchover,
         versions: args.announce_versions,
+        standalone,
+        migration,
     };
     let summary = runtime()?.block_on(async move {
         if let Some((addr, admin)) = admin {
             crate::admin::serve(addr, admin).await?;
         }
-        Ok::<_, anyhow::Error>(understudy_primary::run(cfg, stop).await?)
+        match understudy_primary::run(cfg, stop).await {
+            Err(understudy_primary::PrimaryError::Moved(summary)) => {
+                info!("the VM runs on the destination now; nothing of it is left here");
+                crate::admin::drain(Duration::from_secs(5)).await;
+                Ok(summary)
+            }
+            r => Ok::<_, anyhow::Error>(r?),
+        }
     })?;
     info!(
         sessions = summary.sessions,
@@ -349,6 +370,8 @@ fn reprotect_config(
         status: status.clone(),
         switchover: understudy_primary::status::Switchover::new(),
         versions: None,
+        standalone: false,
+        migration: understudy_primary::status::Migration::new(),
     }
 }
 
@@ -373,6 +396,7 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
             crate::admin::Admin {
                 status: status.clone(),
                 switchover: None,
+                migration: None,
             },
         )
     });

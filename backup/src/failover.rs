@@ -142,14 +142,29 @@ pub(crate) async fn take_over(
         confirm,
     } = t;
     let decided = Instant::now();
-    if cfg.witness.is_none() {
-        warn!("no --witness configured: this backup never promotes");
-        return Ok(false);
-    }
-    let Some((lease, state)) = win_lease(cfg, endpoint, &stop).await else {
-        error!("could not win the VM's lease; not promoting (another node may run the VM)");
-        metrics::counter!("understudy_promotions_total", "reason" => "lease_refused").increment(1);
-        return Ok(false);
+    // Without a witness, only the source itself can hand the VM over (a move, or a planned
+    // switchover): it has paused its guest for good and waits for our "running". Silence alone
+    // never promotes, since nobody could fence the old primary.
+    let lease = match (cfg.witness, &confirm) {
+        (None, None) => {
+            warn!("no --witness configured: this backup never promotes on its own");
+            return Ok(false);
+        }
+        (None, Some(_)) => {
+            info!(
+                "no witness: taking over on the source's hand-over (its guest is stopped for good)"
+            );
+            None
+        }
+        (Some(_), _) => match win_lease(cfg, endpoint, &stop).await {
+            Some(l) => Some(l),
+            None => {
+                error!("could not win the VM's lease; not promoting (another node may run the VM)");
+                metrics::counter!("understudy_promotions_total", "reason" => "lease_refused")
+                    .increment(1);
+                return Ok(false);
+            }
+        },
     };
     let lease_wait = decided.elapsed();
     // Output of committed epochs the old primary never released comes first: the VM resumes
@@ -210,23 +225,26 @@ pub(crate) async fn take_over(
             .checked_sub(cfg.failure_timeout)
             .unwrap_or_else(Instant::now),
     ));
-    let keeper = tokio::spawn(keep_lease(
-        LeaseSource {
-            endpoint: endpoint.clone(),
-            witness: cfg.witness.expect("checked above"),
-            vm_id: cfg.vm_id.clone(),
-            margin: Duration::from_millis(100),
-        },
-        lease,
-        state,
-        Keeper {
-            ttl: cfg.lease_ttl,
-            failure_timeout: cfg.failure_timeout,
-            backup_heard: Arc::clone(&backup_heard),
-            fenced: Arc::clone(&fenced),
-            succession: Arc::clone(&succession),
-        },
-    ));
+    let keeper = match (lease, cfg.witness) {
+        (Some((lease, state)), Some(witness)) => tokio::spawn(keep_lease(
+            LeaseSource {
+                endpoint: endpoint.clone(),
+                witness,
+                vm_id: cfg.vm_id.clone(),
+                margin: Duration::from_millis(100),
+            },
+            lease,
+            state,
+            Keeper {
+                ttl: cfg.lease_ttl,
+                failure_timeout: cfg.failure_timeout,
+                backup_heard: Arc::clone(&backup_heard),
+                fenced: Arc::clone(&fenced),
+                succession: Arc::clone(&succession),
+            },
+        )),
+        _ => tokio::spawn(async {}),
+    };
     // Re-protection: the promoted VM becomes a primary for a new backup.
     let mut running = match reprotect {
         None => Running::Here(vm),

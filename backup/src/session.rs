@@ -649,7 +649,12 @@ async fn session_loop(
                     if !c_state_empty {
                         cfg.status.set_state("hot", None);
                     }
-                    tracing::debug!(epoch, pages = done.pages, "committed epoch");
+                    tracing::debug!(
+                        epoch,
+                        pages = done.pages,
+                        apply_us = started.elapsed().as_micros() as u64,
+                        "committed epoch"
+                    );
                     let _ = acks.send((epoch, Instant::now() + cfg.ack_delay));
                 }
                 Err(e) => {

@@ -175,6 +175,12 @@ pub(crate) struct CaptureCtl {
     pub staging: StagingPool,
     /// A planned switchover ends the loop like a stop.
     pub switchover: Arc<crate::status::Switchover>,
+    /// A move to another host: live rounds after the full sync, then one final paused epoch.
+    pub plan: Option<crate::migrate::Plan>,
+    /// Epochs in flight, and the rate at which the backup absorbs pages.
+    pub in_flight: Arc<Mutex<crate::session::InFlight>>,
+    /// The last epoch the backup acknowledged.
+    pub last_acked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How the capture thread ended.
@@ -292,8 +298,20 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         "full sync read; consistent epochs follow"
     );
 
+    // A move: live rounds, then the loop below captures the final epoch at once.
+    let moving = match &ctl.plan {
+        None => false,
+        Some(plan) => {
+            live_rounds(vm, ctl, plan, &mut epoch, started)?;
+            true
+        }
+    };
     let mut consistent = 0u64;
-    let mut deadline = Instant::now() + ctl.epoch_len;
+    let mut deadline = if moving {
+        Instant::now()
+    } else {
+        Instant::now() + ctl.epoch_len
+    };
     let mut previous = Instant::now();
     loop {
         let slot = take_slot_or_fence(vm, ctl)?;
@@ -301,7 +319,8 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         if deadline > now {
             std::thread::sleep(deadline - now);
         }
-        let last = ctl.stop.load(Ordering::SeqCst)
+        let last = moving
+            || ctl.stop.load(Ordering::SeqCst)
             || ctl.switchover.requested()
             || (ctl.stop_after > 0 && consistent + 1 >= ctl.stop_after);
         let t0 = Instant::now();
@@ -330,11 +349,16 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         let pause = t0.elapsed();
         epoch += 1;
         consistent += 1;
-        debug_assert_eq!(
-            sealed,
-            ctl.gate_base + epoch,
+        debug_assert!(
+            moving || sealed == ctl.gate_base + epoch,
             "console epochs follow protocol epochs"
         );
+        if let Some(plan) = &ctl.plan {
+            let mut r = plan.record.lock().unwrap_or_else(|e| e.into_inner());
+            r.final_pages = count as u64;
+            r.paused_at = Some(t0);
+            r.progress_end = vm.memory().read_u64(PROGRESS_GPA).ok().map(|p| (t0, p));
+        }
         metrics::histogram!("understudy_pause_seconds").record(pause.as_secs_f64());
         metrics::histogram!("understudy_dirty_pages").record(count as f64);
         metrics::gauge!("understudy_epoch_interval_seconds").set((t0 - previous).as_secs_f64());
@@ -371,6 +395,184 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         }
         deadline = Instant::now() + ctl.epoch_len;
     }
+}
+
+/// Ships, while the guest runs, the pages it dirtied since the last read (one epoch without
+/// VM state; the guest is never paused). Returns the page count.
+fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, PrimaryError> {
+    let slot = take_slot_or_fence(vm, ctl)?;
+    let t0 = Instant::now();
+    let dirty = vm.take_dirty()?;
+    let count = dirty.count();
+    let mut indices = Vec::with_capacity(count);
+    let mut pages = ctl.staging.take(count * PAGE_SIZE);
+    for (gpa, buf) in dirty
+        .pages()
+        .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
+    {
+        indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
+        vm.memory().read(gpa, buf)?;
+    }
+    *epoch += 1;
+    send(
+        ctl,
+        Captured {
+            epoch: *epoch,
+            indices,
+            pages,
+            state: Vec::new(),
+            captured_at: t0,
+            slot,
+        },
+    )?;
+    Ok(count as u64)
+}
+
+/// Waits until the backup acknowledged `epoch` (the session failing ends the wait).
+fn wait_acked(ctl: &CaptureCtl, epoch: u64) -> Result<(), PrimaryError> {
+    loop {
+        if ctl.abort.load(Ordering::SeqCst) || ctl.slots.is_closed() {
+            return Err(PrimaryError::Stopped);
+        }
+        if ctl.fenced.load(Ordering::SeqCst) {
+            return Err(PrimaryError::Fenced);
+        }
+        if ctl.last_acked.load(Ordering::SeqCst) >= epoch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The live part of a move, after the full sync; returns when the final epoch is due.
+fn live_rounds(
+    vm: &mut Vm,
+    ctl: &CaptureCtl,
+    plan: &crate::migrate::Plan,
+    epoch: &mut u64,
+    started: Instant,
+) -> Result<(), PrimaryError> {
+    use crate::migrate::{Algorithm, Decision, Ewma, NoConvergence, Observed};
+    let link_rate = || {
+        ctl.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .link_rate()
+    };
+    let record = |f: &dyn Fn(&mut crate::migrate::MoveRecord)| {
+        f(&mut plan.record.lock().unwrap_or_else(|e| e.into_inner()))
+    };
+    match plan.algorithm {
+        Algorithm::Precopy => {
+            let p = plan.precopy;
+            let mut rounds = 0u32;
+            loop {
+                wait_acked(ctl, *epoch)?;
+                let dirty = live_round(vm, ctl, epoch)?;
+                rounds += 1;
+                record(&|r| r.rounds = u64::from(rounds));
+                let rate = link_rate().unwrap_or(0.0);
+                let decision = p.decide(rounds, started.elapsed(), dirty, rate);
+                tracing::info!(
+                    round = rounds,
+                    pages = dirty,
+                    link_pages_per_s = rate as u64,
+                    ?decision,
+                    "precopy round"
+                );
+                match decision {
+                    Decision::Continue => {}
+                    Decision::StopAndCopy => break,
+                    Decision::GiveUp => match p.on_no_convergence {
+                        NoConvergence::StopAndCopy => {
+                            tracing::warn!(
+                                rounds,
+                                pages = dirty,
+                                budget_ms = p.downtime_budget.as_millis() as u64,
+                                "precopy did not converge: stopping the guest and copying anyway (the downtime will exceed the budget)"
+                            );
+                            record(&|r| r.forced = true);
+                            break;
+                        }
+                        NoConvergence::Abort => {
+                            let why = format!(
+                                "precopy did not converge after {rounds} rounds in {:.1} s: {dirty} pages dirtied per round, the link ships {rate:.0} pages/s, the downtime budget is {} ms; the VM keeps running here",
+                                started.elapsed().as_secs_f64(),
+                                p.downtime_budget.as_millis()
+                            );
+                            record(&|r| r.aborted = Some(why.clone()));
+                            return Err(PrimaryError::MoveAborted(why));
+                        }
+                    },
+                }
+            }
+            wait_acked(ctl, *epoch)?;
+        }
+        Algorithm::QuickEviction => {
+            let q = plan.quick;
+            let mut dirty_rate = Ewma::default();
+            let mut last_take = Instant::now();
+            let mut interval = q.min_interval;
+            let mut warned = false;
+            loop {
+                let until = last_take + interval;
+                while Instant::now() < until && !plan.evict.load(Ordering::SeqCst) {
+                    if ctl.stop.load(Ordering::SeqCst) || ctl.abort.load(Ordering::SeqCst) {
+                        return Err(PrimaryError::Stopped);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if plan.evict.load(Ordering::SeqCst) {
+                    tracing::info!("eviction asked for: pausing and shipping the last dirty pages");
+                    break;
+                }
+                let t0 = Instant::now();
+                let dirty = live_round(vm, ctl, epoch)?;
+                let read = t0.elapsed();
+                let since = t0.duration_since(last_take).as_secs_f64().max(1e-3);
+                last_take = t0;
+                let rate = dirty_rate.add(dirty as f64 / since, 0.3);
+                record(&|r| r.rounds += 1);
+                let (link, fixed) = {
+                    let f = ctl.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    (f.link_rate(), f.min_latency())
+                };
+                let observed = Observed {
+                    dirty_rate: rate,
+                    link_rate: link.unwrap_or(0.0),
+                    fixed: fixed.unwrap_or(Duration::from_millis(5)) + Duration::from_millis(1),
+                    read,
+                };
+                interval = if link.is_some() {
+                    q.interval(&observed)
+                } else {
+                    q.min_interval
+                };
+                let reachable = q.reachable(&observed);
+                if !reachable && !warned {
+                    tracing::warn!(
+                        dirty_pages_per_s = rate as u64,
+                        link_pages_per_s = observed.link_rate as u64,
+                        target_ms = q.target.as_millis() as u64,
+                        "quick eviction: the guest dirties pages too fast for the eviction target; snapshots go out as often as allowed"
+                    );
+                }
+                warned = !reachable;
+                metrics::gauge!("understudy_snapshot_interval_seconds").set(interval.as_secs_f64());
+                tracing::debug!(
+                    pages = dirty,
+                    dirty_pages_per_s = rate as u64,
+                    link_pages_per_s = observed.link_rate as u64,
+                    interval_ms = interval.as_millis() as u64,
+                    expected_eviction_ms =
+                        q.expected_eviction(&observed, interval).as_secs_f64() * 1e3,
+                    "snapshot"
+                );
+            }
+            wait_acked(ctl, *epoch)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 mod capture;
 mod journal;
 mod lease;
+pub mod migrate;
 mod session;
 pub mod status;
 
@@ -95,6 +96,11 @@ pub struct PrimaryConfig {
     pub status: status::StatusBoard,
     /// A planned switchover to the backup, requested through the admin endpoint.
     pub switchover: std::sync::Arc<status::Switchover>,
+    /// No backup: the VM runs unprotected until it is moved (`understudy migrate`); `backup`
+    /// and `backup_name` are not used.
+    pub standalone: bool,
+    /// A move to another host, requested through the admin endpoint.
+    pub migration: std::sync::Arc<status::Migration>,
 }
 
 /// Where in an epoch a drill kills the primary.

@@ -61,6 +61,11 @@ pub enum PrimaryError {
     GuestStopped(understudy_vmm::ExitReason),
     #[error("protection was stopped")]
     Stopped,
+    #[error("the move was abandoned: {0}")]
+    MoveAborted(String),
+    /// Not a failure: the VM runs on the destination now and nothing of it is left here.
+    #[error("the VM moved to another host")]
+    Moved(Summary),
     #[error("fenced: cut off from the witness and the backup, the guest was stopped so that the backup can take over")]
     Fenced,
 }
@@ -79,16 +84,38 @@ pub struct Summary {
 
 struct Encoded {
     epoch: u64,
+    /// Dirty pages in the epoch (before the codec).
+    pages: u32,
     chunks: Vec<Vec<u8>>,
     commit: Vec<u8>,
     captured_at: Instant,
     slot: OwnedSemaphorePermit,
 }
 
-/// Epochs sent and not yet acknowledged.
+/// Epochs sent and not yet acknowledged, and how fast the backup absorbs them.
 #[derive(Default)]
-struct InFlight {
-    epochs: BTreeMap<u64, (Instant, OwnedSemaphorePermit)>,
+pub(crate) struct InFlight {
+    /// Epoch -> when it was captured, its slot, its dirty pages.
+    epochs: BTreeMap<u64, (Instant, OwnedSemaphorePermit, u32)>,
+    /// When the last Ack arrived.
+    last_ack: Option<Instant>,
+    /// Pages per second from capture (or the previous Ack, if later) to Ack: the rate at which
+    /// the encoder, the link and the backup together ship pages.
+    link_rate: crate::migrate::Ewma,
+    /// The shortest capture-to-Ack time seen.
+    min_latency: Option<Duration>,
+}
+
+impl InFlight {
+    /// The smoothed pages per second the backup has been absorbing.
+    pub(crate) fn link_rate(&self) -> Option<f64> {
+        self.link_rate.get()
+    }
+
+    /// The shortest capture-to-Ack time seen: the fixed cost of shipping an epoch.
+    pub(crate) fn min_latency(&self) -> Option<Duration> {
+        self.min_latency
+    }
 }
 
 fn encoder_thread(
@@ -124,6 +151,7 @@ fn encoder_thread(
         let commit = messages::encode(&Message::Commit(e.commit(c.state)));
         let out = Encoded {
             epoch: c.epoch,
+            pages: c.indices.len() as u32,
             chunks: e.chunks,
             commit,
             captured_at: c.captured_at,
@@ -221,6 +249,8 @@ struct AckCtx {
     /// The backup's certificate name: our successor once it holds a consistent epoch.
     peer: String,
     status: StatusBoard,
+    /// A move, not protection: epochs after the full sync are live rounds, not checkpoints.
+    moving: bool,
 }
 
 async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
@@ -238,8 +268,10 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
         succession,
         peer,
         status,
+        moving,
     } = cx;
     let (sync, kill_at, gate_base, clock) = (*sync, *kill_at, *gate_base, *clock);
+    let moving = *moving;
     let limits = Limits::default();
     loop {
         let frame: understudy_transport::Bytes = match rx.read_frame().await {
@@ -255,14 +287,38 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     let rest = f.epochs.split_off(&(a.epoch + 1));
                     std::mem::replace(&mut f.epochs, rest).into_iter().collect()
                 };
-                for (_epoch, (captured_at, _slot)) in released {
+                let now = Instant::now();
+                {
+                    // One Ack may acknowledge several epochs: rate them together, from when
+                    // the oldest was captured (or the previous Ack, if later) to now.
+                    let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    // Only epochs after the full sync count: their pages are like the final
+                    // epoch's (recently dirtied), while the sync's are mostly zero pages that
+                    // cost next to nothing on the wire.
+                    let released: Vec<_> = released.iter().filter(|(e, _)| *e > sync).collect();
+                    let pages: u64 = released.iter().map(|(_, e)| u64::from(e.2)).sum();
+                    if let Some((_, (oldest, _, _))) = released.first() {
+                        let from = f.last_ack.map_or(*oldest, |l| l.max(*oldest));
+                        let busy = now.saturating_duration_since(from).as_secs_f64();
+                        if pages >= 64 && busy > 0.0 {
+                            f.link_rate.add(pages as f64 / busy, 0.3);
+                        }
+                        let took = now.saturating_duration_since(*oldest);
+                        let newest = released
+                            .last()
+                            .map_or(took, |(_, e)| now.saturating_duration_since(e.0));
+                        f.min_latency = Some(f.min_latency.map_or(newest, |m| m.min(newest)));
+                    }
+                    f.last_ack = Some(now);
+                }
+                for (_epoch, (captured_at, _slot, _pages)) in released {
                     let latency = captured_at.elapsed().as_secs_f64();
                     metrics::histogram!("understudy_commit_latency_seconds").record(latency);
                     metrics::gauge!("understudy_replication_lag_seconds").set(latency);
                     status.update(|s| s.lag_seconds = Some(latency));
                 }
                 if a.epoch > sync {
-                    if last_acked.load(Ordering::SeqCst) <= sync {
+                    if !moving && last_acked.load(Ordering::SeqCst) <= sync {
                         info!(
                             epoch = a.epoch,
                             "PROTECTED: the backup committed our first consistent epoch"
@@ -291,6 +347,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                 status.update(|s| s.last_epoch = a.epoch);
                 metrics::gauge!("understudy_last_committed_epoch").set(a.epoch as f64);
                 metrics::counter!("understudy_epochs_total", "outcome" => "acked").increment(1);
+                tracing::debug!(epoch = a.epoch, "acknowledged");
             }
             Ok(Message::Heartbeat(h)) => {
                 *backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -329,15 +386,33 @@ async fn open_link(
     cfg: &PrimaryConfig,
     map: &PageMap,
 ) -> Result<Link, PrimaryError> {
+    open_link_to(
+        endpoint,
+        cfg,
+        map,
+        (cfg.backup, &cfg.backup_name),
+        Mode::Protect,
+    )
+    .await
+}
+
+/// Connects to `to` (address, certificate name) and says hello for `mode`.
+async fn open_link_to(
+    endpoint: &Endpoint,
+    cfg: &PrimaryConfig,
+    map: &PageMap,
+    to: (SocketAddr, &str),
+    mode: Mode,
+) -> Result<Link, PrimaryError> {
     let limits = Limits::default();
     let conn = endpoint
-        .connect(cfg.backup, &cfg.backup_name)
+        .connect(to.0, to.1)
         .await
         .map_err(|source| PrimaryError::Connect {
-            addr: cfg.backup,
+            addr: to.0,
             source: Box::new(source),
         })?;
-    info!(peer = conn.peer_name(), addr = %cfg.backup, "connected to the backup");
+    info!(peer = conn.peer_name(), addr = %to.0, ?mode, "connected to the backup");
     let control = conn
         .open_control(limits.max_frame_len)
         .await
@@ -346,7 +421,7 @@ async fn open_link(
     let hello = Hello {
         min_version: cfg.versions.map_or(MIN_PROTOCOL_VERSION, |v| v.0),
         max_version: cfg.versions.map_or(PROTOCOL_VERSION, |v| v.1),
-        mode: Mode::Protect,
+        mode,
         vm_id: cfg.vm_id.clone(),
         layout: map.layout(),
         base: None,
@@ -561,12 +636,18 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
     // The first backup must be there: a primary that starts unprotected by mistake is worse
     // than one that says so and exits. The guest boots first, so that the session's clocks
     // (heartbeats, the backup's failure detection) do not run through the boot.
-    let first = open_link(&endpoint, &cfg, &map).await?;
-    info!("full sync starts");
+    let first = if cfg.standalone {
+        info!("no backup: the VM runs unprotected until it is moved");
+        None
+    } else {
+        let first = open_link(&endpoint, &cfg, &map).await?;
+        info!("full sync starts");
+        Some(first)
+    };
     let (_vm, summary) = protect(
         vm,
         gate,
-        Some(first),
+        first,
         &endpoint,
         &cfg,
         Guard {
@@ -637,19 +718,93 @@ async fn protect(
         ..Summary::default()
     };
     loop {
+        let mut plan = None;
         let l = match link.take() {
             Some(l) => l,
+            None if cfg.standalone => match standalone(&mut vm, endpoint, cfg, &shared).await? {
+                Some((l, p)) => {
+                    plan = Some(p);
+                    l
+                }
+                None => break,
+            },
             None => match unprotected(&mut vm, endpoint, cfg, &shared, summary.sessions).await? {
                 Some(l) => l,
                 None => break,
             },
         };
         summary.sessions += 1;
-        let (back, end, s) = session(vm, l, cfg, &shared).await;
+        let moved = plan.as_ref().map(|p| (p.algorithm, Arc::clone(&p.record)));
+        let (back, end, s) = session(vm, l, cfg, &shared, plan).await;
         vm = back;
         summary.last_epoch = s.last_epoch;
         summary.last_acked = s.last_acked;
         summary.wire_bytes += s.wire_bytes;
+        if let Some((algorithm, record)) = moved {
+            let record = record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (ok, message, downtime_ms) = match &end {
+                Ok(SessionEnd::HandedOver(r)) => (r.ok, r.message.clone(), r.downtime_ms),
+                Ok(SessionEnd::Lost(cause)) => (false, ErrorChain(cause).to_string(), None),
+                Ok(SessionEnd::Finished(_)) => {
+                    (false, "stopped before the move finished".into(), None)
+                }
+                Err(e) => (false, ErrorChain(e).to_string(), None),
+            };
+            // The source's copy goes once the destination runs the VM: no VM state is left
+            // here after this drop, which ends the eviction time.
+            let vm_left = if ok {
+                drop(vm);
+                None
+            } else {
+                Some(vm)
+            };
+            let eviction_ms = ok
+                .then(|| cfg.migration.eviction_asked())
+                .flatten()
+                .map(|t| t.elapsed().as_secs_f64() * 1e3);
+            let report = crate::migrate::report(
+                algorithm,
+                &record,
+                ok,
+                message,
+                downtime_ms,
+                eviction_ms,
+                s.wire_bytes,
+            );
+            info!(
+                algorithm = algorithm.name(),
+                ok,
+                downtime_ms = ?report.downtime_ms,
+                eviction_ms = ?report.eviction_ms,
+                wire_bytes = report.wire_bytes,
+                rounds = report.rounds,
+                final_pages = report.final_pages,
+                throughput_ratio = ?report.throughput_ratio,
+                "move report: {}",
+                report.message
+            );
+            cfg.migration.outcome.finish(report);
+            let Some(left) = vm_left else {
+                cfg.status.set_state("moved", None);
+                summary.raw_bytes = shared.totals.raw.load(Ordering::Relaxed);
+                return Err(PrimaryError::Moved(summary));
+            };
+            vm = left;
+            cfg.migration.clear();
+            match end {
+                Ok(SessionEnd::Finished(_)) => break,
+                // The destination did not confirm: the guest stays paused here (see the report).
+                Ok(SessionEnd::HandedOver(_)) => break,
+                Err(e) => return Err(e),
+                _ => {
+                    if let Some(r) = vm.exit_reason() {
+                        return Err(PrimaryError::GuestStopped(r));
+                    }
+                    warn!("the move failed; the VM keeps running here");
+                    continue;
+                }
+            }
+        }
         match end? {
             SessionEnd::HandedOver(report) => {
                 let state = if report.ok { "handed-over" } else { "paused" };
@@ -809,6 +964,108 @@ async fn unprotected(
     }
 }
 
+/// Runs the guest without a backup (no `--backup`) until a move is asked for: returns the link
+/// to the destination and the move's plan, or `None` once stopped.
+async fn standalone(
+    vm: &mut Vm,
+    endpoint: &Endpoint,
+    cfg: &PrimaryConfig,
+    sh: &Shared,
+) -> Result<Option<(Link, crate::migrate::Plan)>, PrimaryError> {
+    let _ = sh.gate.open();
+    cfg.status.set_state(
+        "unprotected",
+        Some("no backup: the VM runs here until it is moved (`understudy migrate`)".into()),
+    );
+    // The guest's progress over the last second or so: its rate before the move.
+    let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if sh.fenced.load(Ordering::SeqCst) {
+            vm.pause()?;
+            return Err(PrimaryError::Fenced);
+        }
+        if let Some(r) = vm.exit_reason() {
+            return Err(PrimaryError::GuestStopped(r));
+        }
+        if sh.stop.load(Ordering::SeqCst) {
+            vm.pause()?;
+            info!("stopped");
+            return Ok(None);
+        }
+        if let Ok(p) = vm
+            .memory()
+            .read_u64(understudy_vmm::guests::layout::PROGRESS_GPA)
+        {
+            let now = Instant::now();
+            samples.push_back((now, p));
+            while samples.len() > 2 && now - samples[1].0 > Duration::from_secs(1) {
+                samples.pop_front();
+            }
+        }
+        let Some(req) = cfg.migration.requested() else {
+            continue;
+        };
+        info!(algorithm = req.algorithm.name(), to = %req.to, "moving the VM: connecting to the destination");
+        cfg.status.set_state(
+            "moving",
+            Some(format!("{} to {}", req.algorithm.name(), req.to)),
+        );
+        let link = open_link_to(
+            endpoint,
+            cfg,
+            &sh.map,
+            (req.to, &req.to_name),
+            Mode::Migrate,
+        )
+        .await;
+        match link {
+            Ok(link) => {
+                let now = Instant::now();
+                let mut record = crate::migrate::MoveRecord {
+                    progress_start: vm
+                        .memory()
+                        .read_u64(understudy_vmm::guests::layout::PROGRESS_GPA)
+                        .ok()
+                        .map(|p| (now, p)),
+                    ..Default::default()
+                };
+                if let (Some(a), Some(b)) = (samples.front(), samples.back()) {
+                    let dt = (b.0 - a.0).as_secs_f64();
+                    if dt > 0.2 {
+                        record.rate_before = Some(b.1.saturating_sub(a.1) as f64 / dt);
+                    }
+                }
+                let plan = crate::migrate::Plan {
+                    algorithm: req.algorithm,
+                    precopy: req.precopy,
+                    quick: req.quick,
+                    evict: cfg.migration.evict_flag(),
+                    record: Arc::new(Mutex::new(record)),
+                };
+                return Ok(Some((link, plan)));
+            }
+            Err(e) => {
+                let message = format!(
+                    "could not reach the destination {}: {}; the VM keeps running here",
+                    req.to,
+                    ErrorChain(&e)
+                );
+                warn!("{message}");
+                cfg.migration
+                    .outcome
+                    .finish(crate::migrate::MigrationReport {
+                        algorithm: req.algorithm.name().into(),
+                        message,
+                        ..Default::default()
+                    });
+                cfg.migration.clear();
+                cfg.status.set_state("unprotected", None);
+            }
+        }
+    }
+}
+
 /// What one session did.
 #[derive(Default)]
 struct SessionStats {
@@ -869,7 +1126,9 @@ async fn session(
     link: Link,
     cfg: &PrimaryConfig,
     sh: &Shared,
+    plan: Option<crate::migrate::Plan>,
 ) -> (Vm, Result<SessionEnd, PrimaryError>, SessionStats) {
+    let moving = plan.is_some();
     let Link {
         conn,
         tx,
@@ -881,7 +1140,11 @@ async fn session(
     cfg.status.update(|s| s.peer = Some(peer.clone()));
     let sync = sh.sync;
     let base = sh.gate.current_epoch().saturating_sub(1);
-    sh.gate.hold_from(base + sync + 1);
+    if !moving {
+        // A move needs no output commit: the source is the VM until the destination runs
+        // its final epoch, and everything the guest wrote before the final pause went out here.
+        sh.gate.hold_from(base + sync + 1);
+    }
     *sh.backup_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     let tx = Arc::new(tokio::sync::Mutex::new(tx));
     let _heartbeats = AbortOnDrop(heartbeat_loop(
@@ -895,6 +1158,8 @@ async fn session(
         cfg.failure_timeout,
     );
     let abort = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    let last_acked = Arc::new(AtomicU64::new(0));
     // The backup refuses chunks further ahead than the protocol's window.
     let window = cfg
         .max_in_flight
@@ -945,6 +1210,9 @@ async fn session(
         kill_at: cfg.kill_at,
         staging: sh.staging.clone(),
         switchover: Arc::clone(&cfg.switchover),
+        plan,
+        in_flight: Arc::clone(&in_flight),
+        last_acked: Arc::clone(&last_acked),
     };
     let capture = tokio::task::spawn_blocking(move || {
         let end = capture_loop(&mut vm, &ctl);
@@ -952,8 +1220,6 @@ async fn session(
     });
 
     // Acks: release output, free slots, measure latency and lag.
-    let in_flight = Arc::new(Mutex::new(InFlight::default()));
-    let last_acked = Arc::new(AtomicU64::new(0));
     let acks = {
         let mut cx = AckCtx {
             tx: Arc::clone(&tx),
@@ -969,6 +1235,7 @@ async fn session(
             succession: Arc::clone(&sh.succession),
             peer,
             status: cfg.status.clone(),
+            moving,
         };
         let slots = Arc::clone(&slots);
         tokio::spawn(async move {
@@ -991,7 +1258,7 @@ async fn session(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .epochs
-                .insert(e.epoch, (e.captured_at, e.slot));
+                .insert(e.epoch, (e.captured_at, e.slot, e.pages));
             if e.epoch <= sync && e.epoch == last_sync_log {
                 last_sync_log = 0;
                 info!(epochs = sync, "full sync sent");
@@ -1049,7 +1316,7 @@ async fn session(
         if acks.is_finished() || waited.elapsed() > Duration::from_secs(30) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     watch.abort();
     stats.last_acked = last_acked.load(Ordering::SeqCst);
@@ -1058,7 +1325,7 @@ async fn session(
         acked = stats.last_acked,
         "protection stopped"
     );
-    if cfg.switchover.requested() {
+    if cfg.switchover.requested() || moving {
         let report = hand_over(&conn, &tx, &end, stats.last_acked, sh).await;
         acks.abort();
         return (vm, Ok(SessionEnd::HandedOver(report)), stats);

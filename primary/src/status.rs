@@ -87,12 +87,58 @@ pub struct SwitchoverReport {
     pub message: String,
 }
 
+/// The outcome of a request carried out elsewhere: whoever carries it out records it, whoever
+/// asked waits for it.
+#[derive(Debug)]
+pub struct Outcome<R> {
+    report: Mutex<Option<R>>,
+    done: tokio::sync::Notify,
+}
+
+impl<R> Default for Outcome<R> {
+    fn default() -> Self {
+        Outcome {
+            report: Mutex::new(None),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl<R: Clone> Outcome<R> {
+    /// Records the outcome and wakes whoever waits for it.
+    pub fn finish(&self, report: R) {
+        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        self.done.notify_waiters();
+    }
+
+    fn get(&self) -> Option<R> {
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits for the outcome, up to `timeout`.
+    pub async fn wait(&self, timeout: std::time::Duration) -> Option<R> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.done.notified();
+            if let Some(r) = self.get() {
+                return Some(r);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                return self.get();
+            }
+        }
+    }
+}
+
 /// A planned switchover: requested by the admin endpoint, carried out by the protection loop.
 #[derive(Debug, Default)]
 pub struct Switchover {
     requested: std::sync::atomic::AtomicBool,
-    report: Mutex<Option<SwitchoverReport>>,
-    done: tokio::sync::Notify,
+    outcome: Outcome<SwitchoverReport>,
 }
 
 impl Switchover {
@@ -115,31 +161,95 @@ impl Switchover {
 
     /// Records the outcome and wakes whoever waits for it.
     pub fn finish(&self, report: SwitchoverReport) {
-        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
-        self.done.notify_waiters();
+        self.outcome.finish(report);
     }
 
     /// Waits for the outcome, up to `timeout`.
     pub async fn wait(&self, timeout: std::time::Duration) -> Option<SwitchoverReport> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.done.notified();
-            if let Some(r) = self
-                .report
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            {
-                return Some(r);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                return self
-                    .report
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-            }
+        self.outcome.wait(timeout).await
+    }
+}
+
+/// A request to move the VM to another host (`understudy migrate`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrateRequest {
+    /// How.
+    pub algorithm: crate::migrate::Algorithm,
+    /// The destination (an `understudy backup` listening there).
+    pub to: std::net::SocketAddr,
+    /// The name in the destination's certificate.
+    pub to_name: String,
+    /// Precopy's convergence policy.
+    #[serde(default)]
+    pub precopy: crate::migrate::PrecopyPolicy,
+    /// Quick eviction's target and interval bounds.
+    #[serde(default)]
+    pub quick: crate::migrate::QuickEviction,
+}
+
+/// A move of the VM: requested by the admin endpoint, carried out by the primary's main loop.
+#[derive(Debug, Default)]
+pub struct Migration {
+    request: Mutex<Option<MigrateRequest>>,
+    /// When the move, and (quick eviction) the eviction, were asked for.
+    asked: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// Quick eviction: the eviction itself was asked for (`understudy evict`).
+    evict: Arc<std::sync::atomic::AtomicBool>,
+    /// The move's report.
+    pub outcome: Outcome<crate::migrate::MigrationReport>,
+}
+
+impl Migration {
+    /// A migration handle.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Migration::default())
+    }
+
+    /// Asks for a move; returns false if one was asked for already.
+    pub fn request(&self, r: MigrateRequest) -> bool {
+        let mut slot = self.request.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return false;
         }
+        *slot = Some(r);
+        *self.asked.lock().unwrap_or_else(|e| e.into_inner()) = (Some(Instant::now()), None);
+        true
+    }
+
+    /// Forgets a move that failed, so that another may be asked for.
+    pub(crate) fn clear(&self) {
+        *self.request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.evict.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// When the eviction was asked for: the move's request, or for quick eviction the evict.
+    pub(crate) fn eviction_asked(&self) -> Option<Instant> {
+        let a = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        a.1.or(a.0)
+    }
+
+    /// The move asked for, if any.
+    pub fn requested(&self) -> Option<MigrateRequest> {
+        self.request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks a quick-eviction move to evict now; false unless one is under way.
+    pub fn evict(&self) -> bool {
+        let quick = self
+            .requested()
+            .is_some_and(|r| r.algorithm == crate::migrate::Algorithm::QuickEviction);
+        let first = quick && !self.evict.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if first {
+            self.asked.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(Instant::now());
+        }
+        first
+    }
+
+    /// The eviction flag the capture thread watches.
+    pub(crate) fn evict_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.evict)
     }
 }
