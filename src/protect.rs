@@ -172,6 +172,10 @@ pub struct PrimaryArgs {
     /// How often to try to reach a lost backup again.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     reconnect_interval: Duration,
+    /// After the VM moved to another host (`understudy migrate`), keep serving metrics and the
+    /// admin endpoint this long before exiting, so that Prometheus scrapes the move's figures.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    linger_after_move: Duration,
     /// Serve the admin endpoint (`understudy status`, `understudy promote`) on this address,
     /// e.g. 127.0.0.1:7600. Plain HTTP: bind it to loopback or a management network.
     #[arg(long)]
@@ -261,6 +265,7 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         standalone,
         migration,
     };
+    let linger = args.linger_after_move;
     let summary = runtime()?.block_on(async move {
         if let Some((addr, admin)) = admin {
             crate::admin::serve(addr, admin).await?;
@@ -269,6 +274,13 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
             Err(understudy_primary::PrimaryError::Moved(summary)) => {
                 info!("the VM runs on the destination now; nothing of it is left here");
                 crate::admin::drain(Duration::from_secs(5)).await;
+                if !linger.is_zero() {
+                    info!(
+                        seconds = linger.as_secs_f64(),
+                        "serving metrics a while longer (--linger-after-move)"
+                    );
+                    tokio::time::sleep(linger).await;
+                }
                 Ok(summary)
             }
             r => Ok::<_, anyhow::Error>(r?),

@@ -48,6 +48,7 @@ fn pair(guest: &[&str], via_relay: Option<&[&str]>) -> (Pair, Option<Proc>) {
     };
     let admin = format!("127.0.0.1:{}", free_port_tcp());
     let mut a = s(&["primary", "--certs", &c, "--admin", &admin]);
+    a.extend(s(&["--linger-after-move", "0s"]));
     a.extend(s(guest));
     let src = Proc::spawn(d, "src", &a);
     src.wait_for("guest running", Duration::from_secs(30));

@@ -339,6 +339,38 @@ pub(crate) fn report(
     }
 }
 
+/// Publishes a move's report as metrics (labelled by algorithm: four values at most).
+pub(crate) fn record_metrics(r: &MigrationReport) {
+    let a = algorithm_label(&r.algorithm);
+    let outcome = if r.ok { "ok" } else { "failed" };
+    metrics::counter!("understudy_migrations_total", "algorithm" => a, "outcome" => outcome)
+        .increment(1);
+    if !r.ok {
+        return;
+    }
+    if let Some(ms) = r.downtime_ms {
+        metrics::gauge!("understudy_migration_downtime_seconds", "algorithm" => a).set(ms / 1e3);
+    }
+    if let Some(ms) = r.eviction_ms {
+        metrics::gauge!("understudy_migration_eviction_seconds", "algorithm" => a).set(ms / 1e3);
+    }
+    metrics::gauge!("understudy_migration_wire_bytes", "algorithm" => a).set(r.wire_bytes as f64);
+    if let Some(t) = r.throughput_ratio {
+        metrics::gauge!("understudy_migration_throughput_ratio", "algorithm" => a).set(t);
+    }
+    metrics::gauge!("understudy_migration_vm_at_risk", "algorithm" => a)
+        .set(if r.vm_lost_if_a_host_fails { 1.0 } else { 0.0 });
+}
+
+/// The metrics label for an algorithm name (a fixed set of values).
+fn algorithm_label(name: &str) -> &'static str {
+    Algorithm::ALL
+        .into_iter()
+        .map(Algorithm::name)
+        .find(|n| *n == name)
+        .unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -783,6 +783,7 @@ async fn protect(
                 "move report: {}",
                 report.message
             );
+            crate::migrate::record_metrics(&report);
             cfg.migration.outcome.finish(report);
             let Some(left) = vm_left else {
                 cfg.status.set_state("moved", None);
