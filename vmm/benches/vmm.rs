@@ -21,11 +21,20 @@
 //!    while it replicates) and times `PreparedRestore::restore` (state load, vCPU threads) to
 //!    the counter moving: the promotion path.
 //!
+//! 4. **uffd**: postcopy's on-demand pages (`LazyMemory`, userfaultfd minor faults on a
+//!    fallocated 256 MiB memfd, no VM): the VMM touches one absent page at a time (strided,
+//!    so no two share a cache line of state) while a handler thread waits for the fault, copies
+//!    the page from a source mapping, `fill`s it (pwrite + `UFFDIO_CONTINUE`). Timed: the
+//!    access (fault raised -> handler -> woken: the stall a faulting thread sees) and the
+//!    handler's part (fault read -> page written and CONTINUE returned). A vCPU sees the same
+//!    round trip plus KVM's exit and shadow-walk (vmm/tests/postcopy.rs prints it for a guest).
+//!
 //! Every row also shows how many cores other processes used while it ran (from `/proc/stat`
 //! minus this process's CPU time): the machine has 2 cores and is shared with other jobs.
 //!
 //! Environment: `BENCH_PAUSES` (default 2500 per row), `BENCH_DIRTY_EPOCHS` (default 60),
-//! `BENCH_RESTORES` (default 60 per size), `BENCH_SECTIONS` (default `pause,dirty,restore`).
+//! `BENCH_RESTORES` (default 60 per size), `BENCH_UFFD_FAULTS` (default 5000),
+//! `BENCH_SECTIONS` (default `pause,dirty,restore,uffd`).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -575,6 +584,64 @@ fn header() {
     );
 }
 
+/// Section 4: `faults` on-demand page round trips on a `LazyMemory` of `bytes`. Returns (the
+/// access as the faulting thread sees it, the handler's part, other load).
+fn bench_uffd(bytes: u64, faults: usize) -> (Stats, Stats, f64) {
+    let specs = [understudy_vmm::RegionSpec {
+        gpa: 0,
+        size: bytes,
+    }];
+    let source = GuestMemory::new(&specs).expect("source memory");
+    for p in (0..bytes / PAGE_SIZE).step_by(7) {
+        source
+            .write_untracked(p * PAGE_SIZE, &p.to_le_bytes())
+            .expect("source page");
+    }
+    let staging = GuestMemory::new(&specs).expect("destination memfd");
+    let (memory, lazy) = understudy_vmm::LazyMemory::map(&specs, staging.clone_fds().unwrap())
+        .unwrap_or_else(|e| panic!("userfaultfd minor mode: {e}"));
+    drop(staging);
+    let lazy = Arc::new(lazy);
+    let source = Arc::new(source);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = {
+        let (lazy, source, done) = (Arc::clone(&lazy), Arc::clone(&source), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut times = Vec::new();
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let Some(f) = lazy
+                    .wait_fault(Duration::from_millis(5))
+                    .expect("wait_fault")
+                else {
+                    continue;
+                };
+                let t = Instant::now();
+                source.read(f.gpa, &mut page).expect("source read");
+                lazy.fill(f.page_index, &page).expect("fill");
+                times.push(t.elapsed());
+            }
+            times
+        })
+    };
+    let pages = bytes / PAGE_SIZE;
+    let n = (faults as u64).min(pages);
+    let stride = (pages / n).max(1);
+    let cpu0 = cpu_sample();
+    let mut access = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let gpa = i * stride * PAGE_SIZE;
+        let t = Instant::now();
+        let v = memory.read_u64(gpa).expect("read");
+        access.push(t.elapsed());
+        std::hint::black_box(v);
+    }
+    let cpu1 = cpu_sample();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let handled = handler.join().expect("handler");
+    (stats(access), stats(handled), others(&cpu0, &cpu1).0)
+}
+
 fn main() {
     require_kvm();
     Vm::warm_up().unwrap_or_else(|e| panic!("warming up KVM (/dev/kvm) failed: {e}"));
@@ -582,13 +649,14 @@ fn main() {
     let pauses = env_usize("BENCH_PAUSES", 2500).max(1);
     let dirty_epochs = env_usize("BENCH_DIRTY_EPOCHS", 60).max(2);
     let restores = env_usize("BENCH_RESTORES", 60).max(1);
-    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "pause,dirty,restore".into());
+    let sections =
+        std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "pause,dirty,restore,uffd".into());
     let run = |name: &str| sections.split(',').any(|s| s.trim() == name);
     let started = Instant::now();
     let cpu0 = cpu_sample();
     let mut rows = Vec::new();
 
-    eprintln!("[1/3] pause ...");
+    eprintln!("[1/4] pause ...");
     for vcpus in [1u8, 2].into_iter().filter(|_| run("pause")) {
         let (s, other) = bench_pause(vcpus, pauses);
         rows.push(Row {
@@ -604,7 +672,7 @@ fn main() {
         });
     }
 
-    eprintln!("[2/3] take_dirty ...");
+    eprintln!("[2/4] take_dirty ...");
     let mut notes = Vec::new();
     let mut vmm_rows = Vec::new();
     let sizes = [(256 * MIB, "256 MiB"), (GIB, "1 GiB")];
@@ -659,7 +727,7 @@ fn main() {
     }
     rows.extend(vmm_rows);
 
-    eprintln!("[3/3] restore ...");
+    eprintln!("[3/4] restore ...");
     let grain = poll_granularity();
     for (bytes, name) in sizes.into_iter().filter(|_| run("restore")) {
         let f = bench_restore(bytes, restores);
@@ -707,6 +775,30 @@ fn main() {
         }
     }
 
+    eprintln!("[4/4] uffd ...");
+    if run("uffd") {
+        let faults = env_usize("BENCH_UFFD_FAULTS", 5000).max(1);
+        let (access, handler, other) = bench_uffd(256 * MIB, faults);
+        for (part, s) in [
+            (
+                "VMM access to an absent page (fault -> fill -> woken)",
+                access,
+            ),
+            (
+                "handler: fault read -> pwrite + UFFDIO_CONTINUE done",
+                handler,
+            ),
+        ] {
+            rows.push(Row {
+                what: format!("uffd minor fault 256 MiB: {part}"),
+                stats: s,
+                target: None,
+                reference: "-".into(),
+                other_cores: other,
+            });
+        }
+    }
+
     let cpu1 = cpu_sample();
     let (other, steal) = others(&cpu0, &cpu1);
     println!();
@@ -739,6 +831,14 @@ fn main() {
          previous VM is not timed.",
         grain.as_secs_f64() * 1e6
     );
+    if run("uffd") {
+        println!(
+            "- uffd: LazyMemory over a fallocated 256 MiB memfd, no VM; the VMM reads one u64 of \
+             an absent page at a time (strided over the memory); a handler thread copies the page \
+             from a source mapping and fill()s it (pwrite + UFFDIO_CONTINUE, which wakes the \
+             reader). A vCPU's fault adds KVM's exit and shadow walk (vmm/tests/postcopy.rs)."
+        );
+    }
     println!(
         "- machine: other processes used {other:.2} cores on average during the run, steal \
          {steal:.2} cores; bench wall time {:.1} s.",

@@ -5,7 +5,8 @@
 //! - [`state`]: the versioned VM state blob, saved component by component ([`state::Persist`]);
 //! - [`devices::serial`]: COM1 behind the output-commit gate;
 //! - [`boot`]: CPL3 long-mode start and the multiboot v1 loader;
-//! - [`guests`]: the built-in workloads (`idle`, `dirty`, `ledger`).
+//! - [`guests`]: the built-in workloads (`idle`, `dirty`, `ledger`);
+//! - [`uffd`]: guest memory filled on demand through userfaultfd (postcopy destination).
 //!
 //! All of the workspace's `unsafe` lives here (KVM, mmap, signals), each block with a
 //! `// SAFETY:` comment.
@@ -16,6 +17,7 @@ pub mod dirty;
 pub mod guests;
 pub mod memory;
 pub mod state;
+pub mod uffd;
 mod vcpu;
 pub mod vm;
 
@@ -23,6 +25,7 @@ pub use devices::serial::{MemorySink, OutputGate};
 pub use dirty::DirtySet;
 pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
 pub use state::VmState;
+pub use uffd::{Fault, LazyMemory, UffdError};
 pub use vcpu::ExitReason;
 pub use vm::{Boot, PreparedRestore, Vm, VmConfig, VmError};
 

@@ -367,8 +367,13 @@ impl Vm {
 
     /// A new VM over existing memory (memfds mapped by the caller, no copy) that continues from
     /// `state`. Starts running unless `paused`.
+    ///
+    /// `memory` may be shared (`Arc<GuestMemory>`): a postcopy destination keeps a reference in
+    /// its [`LazyMemory`](crate::uffd::LazyMemory), registered before the restore, and maps it
+    /// with `GuestMemory::from_fds(.., populate = false)` so that every first access faults;
+    /// its fault handler must already run (KVM may read guest memory as soon as a vCPU runs).
     pub fn restore(
-        memory: GuestMemory,
+        memory: impl Into<Arc<GuestMemory>>,
         state: &VmState,
         gate: Arc<OutputGate>,
         dirty_logging: bool,
@@ -383,12 +388,12 @@ impl Vm {
     /// their CPUID. A backup does this ahead of time, so that a promotion only loads the state
     /// and starts the vCPU threads. The memory may keep changing until the restore.
     pub fn prepare_restore(
-        memory: GuestMemory,
+        memory: impl Into<Arc<GuestMemory>>,
         vcpus: u8,
         irqchip: bool,
         dirty_logging: bool,
     ) -> Result<PreparedRestore, VmError> {
-        let memory = Arc::new(memory);
+        let memory = memory.into();
         let p = prepare(&memory, vcpus, dirty_logging, irqchip)?;
         Ok(PreparedRestore {
             p,
