@@ -88,6 +88,10 @@ const PROMOTION_BUCKETS: &[f64] = &[
     30.0,
 ];
 
+/// The `algorithm` label of the migration metrics: the algorithms of `understudy migrate`
+/// (postcopy and hybrid to come), anything else as `other`.
+const ALGORITHMS: &[&str] = &["precopy", "quick-eviction", "postcopy", "hybrid", "other"];
+
 /// Every metric Understudy declares. Nothing else may be emitted or named by a dashboard.
 pub const CATALOG: &[MetricDef] = &[
     // Counters.
@@ -149,6 +153,12 @@ pub const CATALOG: &[MetricDef] = &[
         &[],
         "Epochs whose image digest after apply differed from the primary's (count).",
     ),
+    counter(
+        "understudy_migrations_total",
+        &[("algorithm", ALGORITHMS), ("outcome", &["ok", "failed"])],
+        "Source: moves of this VM to another host (`understudy migrate`), by algorithm and \
+         outcome (count): ok (the destination runs the VM), failed (the VM stayed here).",
+    ),
     // Gauges.
     gauge(
         "understudy_epoch_interval_seconds",
@@ -204,6 +214,41 @@ pub const CATALOG: &[MetricDef] = &[
         "understudy_drill_last_success_timestamp_seconds",
         &[],
         "Unix time of the last failover drill that passed (seconds since the epoch).",
+    ),
+    gauge(
+        "understudy_migration_downtime_seconds",
+        &[("algorithm", ALGORITHMS)],
+        "Source: downtime of the last successful move, the guest paused here to the \
+         destination's \"running\" arriving (an upper bound) (seconds).",
+    ),
+    gauge(
+        "understudy_migration_eviction_seconds",
+        &[("algorithm", ALGORITHMS)],
+        "Source: eviction time of the last successful move, the move (quick eviction: the \
+         evict) asked for to no VM state left here (seconds).",
+    ),
+    gauge(
+        "understudy_migration_wire_bytes",
+        &[("algorithm", ALGORITHMS)],
+        "Source: bytes the last successful move put on the wire, chunks and control (bytes).",
+    ),
+    gauge(
+        "understudy_migration_throughput_ratio",
+        &[("algorithm", ALGORITHMS)],
+        "Source: the guest's work rate during the last successful move divided by its rate \
+         just before it (ratio; 1 = no slowdown).",
+    ),
+    gauge(
+        "understudy_migration_vm_at_risk",
+        &[("algorithm", ALGORITHMS)],
+        "Source: whether one host failing during the last successful move would have lost \
+         the VM (0 or 1).",
+    ),
+    gauge(
+        "understudy_snapshot_interval_seconds",
+        &[],
+        "Source, quick eviction: the current interval between background snapshots shipped \
+         to the destination before the eviction (seconds).",
     ),
     gauge(
         "understudy_build_info",
@@ -289,10 +334,24 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 pub fn zero_counters(names: &[&'static str]) {
     for def in CATALOG.iter().filter(|d| names.contains(&d.name)) {
         match (def.kind, def.labels) {
-            (Kind::Counter, []) => metrics::counter!(def.name).increment(0),
-            (Kind::Counter, [(label, values)]) => {
-                for v in values.iter() {
-                    metrics::counter!(def.name, *label => *v).increment(0);
+            (Kind::Counter, labels) => {
+                // Every combination of the allowed values (a label without listed values,
+                // like `version`, cannot be zeroed).
+                let mut sets: Vec<Vec<metrics::Label>> = vec![Vec::new()];
+                for (label, values) in labels.iter() {
+                    sets = sets
+                        .iter()
+                        .flat_map(|set| {
+                            values.iter().map(move |v| {
+                                let mut set = set.clone();
+                                set.push(metrics::Label::new(*label, *v));
+                                set
+                            })
+                        })
+                        .collect();
+                }
+                for set in sets {
+                    metrics::counter!(def.name, set).increment(0);
                 }
             }
             (Kind::Histogram, []) => {
@@ -372,7 +431,7 @@ mod tests {
             }
             for (l, values) in d.labels {
                 assert!(
-                    ["outcome", "kind", "reason", "role", "version"].contains(l),
+                    ["outcome", "kind", "reason", "role", "version", "algorithm"].contains(l),
                     "{n}: label {l} is not one of the low-cardinality labels"
                 );
                 assert!(values.len() <= 8, "{n}: label {l} has too many values");
@@ -449,6 +508,10 @@ mod tests {
         }
         assert!(text.contains("understudy_fenced_total 0"), "{text}");
         assert!(
+            !text.contains("understudy_migrations_total"),
+            "not asked for: {text}"
+        );
+        assert!(
             text.contains("understudy_promotion_seconds_bucket{le=\"+Inf\"} 0"),
             "{text}"
         );
@@ -456,6 +519,24 @@ mod tests {
             text.contains("understudy_promotion_seconds_count 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn counters_with_two_labels_are_zeroed_for_every_combination() {
+        let text = render(|| zero_counters(&["understudy_migrations_total"]));
+        for algorithm in ALGORITHMS {
+            for outcome in ["ok", "failed"] {
+                let line = format!(
+                    "understudy_migrations_total{{algorithm=\"{algorithm}\",outcome=\"{outcome}\"}} 0"
+                );
+                assert!(text.contains(&line), "no {line}: {text}");
+            }
+        }
+        let samples = text
+            .lines()
+            .filter(|l| l.starts_with("understudy_migrations_total{"))
+            .count();
+        assert_eq!(samples, ALGORITHMS.len() * 2, "{text}");
     }
 
     #[test]

@@ -172,6 +172,7 @@ fn dashboard_panels_have_datasource_targets_and_positions() {
         "Data reduction",
         "Network",
         "Failover and drills",
+        "Migrations",
     ] {
         assert!(rows.iter().any(|r| r == want), "no row {want:?}: {rows:?}");
     }

@@ -3,11 +3,13 @@
 //!
 //! - `every_metric_is_emitted_in_a_protect_and_failover_run`: every metric `dashboards/` names is
 //!   in the scrape of the running trio, every metric of the catalog (`src/metrics.rs`) is
-//!   emitted at least once (protect, failover, a drill), with the catalog's TYPE.
+//!   emitted at least once (protect, failover, a drill, a quick-eviction move between a
+//!   standalone source primary and a destination backup), with the catalog's TYPE.
 //! - `prometheus_evaluates_every_dashboard_query`: Debian's `prometheus` package (installed by
 //!   `scripts/prometheus.sh` when missing), `promtool check rules` / `test rules` on
-//!   `dashboards/alerts.yml`, a real Prometheus scraping the trio every second, and every
-//!   dashboard query evaluated through its HTTP API with a non-empty result.
+//!   `dashboards/alerts.yml`, a real Prometheus scraping the trio (then a drill and the source
+//!   of a move) every second, and every dashboard query evaluated through its HTTP API with a
+//!   non-empty result.
 
 mod common;
 
@@ -31,6 +33,18 @@ const DRILL_PROCESS: [&str; 3] = [
     "understudy_drills_total",
     "understudy_drills_passed_total",
     "understudy_drill_last_success_timestamp_seconds",
+];
+
+/// Served only by the source of a move (the `understudy primary` that `understudy migrate`
+/// moves, scraped below), not by a witness, backup or protected primary.
+const MOVE_SOURCE: [&str; 7] = [
+    "understudy_migrations_total",
+    "understudy_migration_downtime_seconds",
+    "understudy_migration_eviction_seconds",
+    "understudy_migration_wire_bytes",
+    "understudy_migration_throughput_ratio",
+    "understudy_migration_vm_at_risk",
+    "understudy_snapshot_interval_seconds",
 ];
 
 /// The two tests each run a guest pair: one at a time on a small machine.
@@ -362,6 +376,116 @@ fn drill_scrape(d: &Path) -> Result<Scrape, String> {
     Ok(all)
 }
 
+/// A VM moved by quick eviction: its source, lingering after the move, and its destination.
+struct Moved {
+    /// The source primary, serving its metrics until its `--linger-after-move` is over.
+    src: Proc,
+    /// The destination backup, running the VM.
+    dst: Proc,
+    /// The source's scrape while its background snapshots were being shipped.
+    during: Scrape,
+}
+
+/// Starts a destination backup and a standalone source primary (ledger guest, 128M) serving
+/// metrics on `metrics`, then moves the VM: `understudy migrate --algorithm quick-eviction`, a
+/// second of background snapshots (the source's snapshot interval gauge is scraped), then
+/// `understudy evict`. Returns once the move is reported done; the source lingers `linger`
+/// more.
+fn quick_eviction_move(d: &Path, metrics: &str, linger: &str) -> Result<Moved, String> {
+    let certs_dir = d.join("move-certs");
+    certs(&certs_dir, &["primary", "backup"]);
+    let c = certs_dir.display().to_string();
+    let dst_addr = format!("127.0.0.1:{}", free_port());
+    let dst = Proc::spawn(
+        d,
+        "move-dst",
+        &s(&["backup", "--certs", &c, "--listen", &dst_addr, "--once"]),
+    );
+    dst.wait_for("backup listening", Duration::from_secs(10));
+    let admin = format!("127.0.0.1:{}", tcp_port());
+    let src = Proc::spawn(
+        d,
+        "move-src",
+        &s(&[
+            "primary",
+            "--certs",
+            &c,
+            "--admin",
+            &admin,
+            "--metrics",
+            metrics,
+            "--linger-after-move",
+            linger,
+            "--workload",
+            "ledger",
+            "--memory",
+            "128M",
+        ]),
+    );
+    src.wait_for("guest running", Duration::from_secs(30));
+    src.wait_for("admin endpoint up", Duration::from_secs(10));
+    let logs = |src: &Proc, dst: &Proc| {
+        format!(
+            "\n--- source\n{}\n--- destination\n{}",
+            tail(&src.err()),
+            tail(&dst.err())
+        )
+    };
+    // The guest's rate before the move (the throughput ratio's reference) needs a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = run(&s(&[
+        "migrate",
+        "--admin",
+        &admin,
+        "--algorithm",
+        "quick-eviction",
+        "--to",
+        &dst_addr,
+    ]));
+    if !out.status.success() {
+        return Err(format!(
+            "understudy migrate failed ({}): {}{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs(&src, &dst)
+        ));
+    }
+    // Background snapshots: the full sync first, then the interval is set.
+    let t = Instant::now();
+    let during = loop {
+        if let Ok(sc) = scrape(metrics) {
+            if sc
+                .samples
+                .contains_key("understudy_snapshot_interval_seconds")
+            {
+                break sc;
+            }
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "no understudy_snapshot_interval_seconds from the source within 60 s of \
+                 `understudy migrate --algorithm quick-eviction`{}",
+                logs(&src, &dst)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A second of snapshots (Prometheus scrapes the interval), then the eviction.
+    std::thread::sleep(Duration::from_secs(1));
+    let ev = run(&s(&["evict", "--admin", &admin]));
+    let text = String::from_utf8_lossy(&ev.stdout).into_owned();
+    if !ev.status.success() || !text.contains("quick-eviction done") {
+        return Err(format!(
+            "understudy evict failed ({}): {text}{}{}",
+            ev.status,
+            String::from_utf8_lossy(&ev.stderr),
+            logs(&src, &dst)
+        ));
+    }
+    Ok(Moved { src, dst, during })
+}
+
 #[test]
 fn every_metric_is_emitted_in_a_protect_and_failover_run() {
     require_kvm();
@@ -384,7 +508,11 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
     // `zero_counters` in src/metrics.rs) is served with empty buckets.
     let absent: Vec<&String> = named
         .iter()
-        .filter(|n| !running.samples.contains_key(*n) && !DRILL_PROCESS.contains(&n.as_str()))
+        .filter(|n| {
+            !running.samples.contains_key(*n)
+                && !DRILL_PROCESS.contains(&n.as_str())
+                && !MOVE_SOURCE.contains(&n.as_str())
+        })
         .collect();
     if !absent.is_empty() {
         problems.push(format!(
@@ -409,6 +537,24 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
         Err(e) => problems.push(e),
     }
 
+    // A move: the source's snapshot interval while it ships snapshots, the move's figures
+    // while it lingers.
+    let addr = format!("127.0.0.1:{}", tcp_port());
+    match quick_eviction_move(d, &addr, "3s") {
+        Ok(moved) => {
+            all.merge(moved.during);
+            match scrape(&addr) {
+                Ok(sc) => all.merge(sc),
+                Err(e) => problems.push(format!(
+                    "the source of the move did not serve its metrics after the move: {e}\n{}",
+                    tail(&moved.src.err())
+                )),
+            }
+            drop(moved.dst);
+        }
+        Err(e) => problems.push(e),
+    }
+
     let never: Vec<&str> = catalog::CATALOG
         .iter()
         .map(|m| m.name)
@@ -416,7 +562,8 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
         .collect();
     if !never.is_empty() {
         problems.push(format!(
-            "catalog metrics never emitted in a protect + failover run (+ drill): {never:?}"
+            "catalog metrics never emitted in a protect + failover run (+ drill, + move): \
+             {never:?}"
         ));
     }
     let mut wrong_type = Vec::new();
@@ -568,8 +715,10 @@ fn prometheus_evaluates_every_dashboard_query() {
     let d = dir.path();
     let mut trio = start_trio(d);
     let prom = format!("127.0.0.1:{}", tcp_port());
-    // A drill (later) serves its metrics here; Prometheus scrapes it from the start.
+    // A drill and the source of a move (later) serve their metrics here; Prometheus scrapes
+    // them from the start.
     let drill_addr = format!("127.0.0.1:{}", tcp_port());
+    let move_addr = format!("127.0.0.1:{}", tcp_port());
     let prom_dir: PathBuf = d.join("prometheus");
     let log = std::fs::File::create(d.join("prometheus.log")).unwrap();
     let mut cmd = Command::new("bash");
@@ -577,6 +726,7 @@ fn prometheus_evaluates_every_dashboard_query() {
         .args(["run", &prom, prom_dir.to_str().unwrap(), "1s"])
         .args(&trio.metrics)
         .arg(&drill_addr)
+        .arg(&move_addr)
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log));
     let mut prometheus = Killed(cmd.spawn().expect("starting Prometheus"));
@@ -646,9 +796,20 @@ fn prometheus_evaluates_every_dashboard_query() {
         }
         Err(e) => problems.push(e),
     }
+    // A quick-eviction move: its snapshot interval while it ships snapshots, its figures
+    // while the source lingers.
+    match quick_eviction_move(d, &move_addr, "5s") {
+        Ok(moved) => {
+            // Two Prometheus scrapes of the move's figures.
+            std::thread::sleep(Duration::from_millis(2500));
+            times.push(unix_now());
+            drop(moved);
+        }
+        Err(e) => problems.push(e),
+    }
 
-    // Each query: no error, and a result while the pair runs, after the failover, or while
-    // the drill's last values are there.
+    // Each query: no error, and a result while the pair runs, after the failover, while the
+    // drill's last values are there, or after the move.
     let queries = dashboard_queries();
     assert!(queries.len() > 20, "{queries:?}");
     for (what, expr) in &queries {
