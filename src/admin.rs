@@ -361,7 +361,9 @@ pub struct MigrateArgs {
     /// precopy: live rounds, then a short stop-and-copy. quick-eviction: live snapshots in
     /// the background at an interval adapted to the guest and the link, so that a later
     /// `understudy evict` only ships the last dirty pages. Neither pauses the guest before the
-    /// final epoch, and the source keeps the VM until the destination runs it.
+    /// final epoch, and the source keeps the VM until the destination runs it. postcopy: the
+    /// VM switches at once and pulls its pages on demand; hybrid: one live pass first. Both
+    /// lose the VM if a host fails before the last page arrives.
     #[arg(long)]
     algorithm: Algorithm,
     /// The destination: an `understudy backup` listening there (host:port, UDP).
@@ -392,6 +394,13 @@ pub struct MigrateArgs {
 }
 
 pub fn migrate(args: MigrateArgs) -> Result<i32> {
+    if args.algorithm.is_postcopy() {
+        eprintln!(
+            "warning: {} runs the VM on {} before all its memory is there: if either host fails before the last page arrives, the VM is lost (protect it, or use precopy or quick-eviction, if that risk is not acceptable)",
+            args.algorithm.name(),
+            args.to
+        );
+    }
     let path = format!(
         "/migrate?algorithm={}&to={}&to_name={}&downtime_budget_ms={}&max_rounds={}&timeout_ms={}&on_no_convergence={}&eviction_target_ms={}",
         args.algorithm.name(),

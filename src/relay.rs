@@ -36,6 +36,10 @@ pub struct RelayArgs {
     /// Bandwidth limit per direction in bytes/s (0 = none); excess waits in a queue.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// With --rate: the longest a datagram may wait in the queue; later arrivals are dropped
+    /// (a router's drop-tail buffer, so that the queue cannot hold seconds of traffic).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    max_queue: Duration,
     /// While this file exists, every datagram is dropped (a link cut on demand).
     #[arg(long)]
     blackhole_file: Option<PathBuf>,
@@ -99,6 +103,10 @@ impl Link {
         if self.args.rate > 0 {
             let mut free = self.free_at.lock().unwrap_or_else(|e| e.into_inner());
             let start = (*free).max(now);
+            if start - now > self.args.max_queue {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
             *free = start + Duration::from_secs_f64(len as f64 / self.args.rate as f64);
             depart = *free;
         }
@@ -288,6 +296,7 @@ mod tests {
             jitter: Duration::ZERO,
             loss,
             rate,
+            max_queue: Duration::from_secs(3600),
             blackhole_file: None,
             seed: 7,
         }

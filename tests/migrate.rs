@@ -1,9 +1,11 @@
 //! Moving a running VM (`understudy migrate`, `understudy evict`) between real processes over
 //! QUIC: an unprotected primary with an admin endpoint is the source, an `understudy backup`
-//! the destination. The ledger guest must continue on the destination with every tick exactly
-//! once (the source's console, then the destination's) and no CORRUPT; a precopy that cannot
-//! converge (a link slower than the guest dirties pages, through `understudy relay`) must end
-//! through its named strategy within its timeout, with a report that says so.
+//! the destination. With every algorithm (precopy, quick eviction, postcopy, hybrid) the ledger
+//! guest must continue on the destination with every tick exactly once (the source's console,
+//! then the destination's) and no CORRUPT; a precopy that cannot converge (a link slower than
+//! the guest dirties pages, through `understudy relay`) must end through its named strategy
+//! within its timeout, with a report that says so; a source that dies mid-postcopy loses the
+//! VM, and the destination says so.
 
 mod common;
 
@@ -32,7 +34,16 @@ fn pair(guest: &[&str], via_relay: Option<&[&str]>) -> (Pair, Option<Proc>) {
     let dst = Proc::spawn(
         d,
         "dst",
-        &s(&["backup", "--certs", &c, "--listen", &dst_addr, "--once"]),
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &dst_addr,
+            "--once",
+            "--failure-timeout",
+            "2s",
+        ]),
     );
     dst.wait_for("backup listening", Duration::from_secs(10));
     let (to, relay) = match via_relay {
@@ -158,6 +169,109 @@ fn precopy_moves_the_ledger_with_every_tick_once() {
 #[test]
 fn quick_eviction_moves_the_ledger_with_every_tick_once() {
     ledger_moves("quick-eviction");
+}
+
+#[test]
+fn postcopy_moves_the_ledger_with_every_tick_once() {
+    ledger_moves("postcopy");
+}
+
+#[test]
+fn hybrid_moves_the_ledger_with_every_tick_once() {
+    ledger_moves("hybrid");
+}
+
+/// Postcopy's risk, shown: the source dies after the switch, before the destination has every
+/// page. The destination cannot continue the VM; it says that the VM is lost and exits with
+/// an error (the migrate command warned before it started).
+#[test]
+fn a_source_that_dies_mid_postcopy_loses_the_vm() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(&d.join("certs"), &["primary", "backup"]);
+    let c = d.join("certs").display().to_string();
+    let dst_addr = format!("127.0.0.1:{}", free_port());
+    let mut dst = Proc::spawn(
+        d,
+        "dst",
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &dst_addr,
+            "--once",
+            "--failure-timeout",
+            "1s",
+        ]),
+    );
+    dst.wait_for("backup listening", Duration::from_secs(10));
+    // A slow link, so that the pages take a while after the switch.
+    let r_addr = format!("127.0.0.1:{}", free_port());
+    let relay = Proc::spawn(
+        d,
+        "relay",
+        &s(&[
+            "relay", "--listen", &r_addr, "--to", &dst_addr, "--rate", "1000000",
+        ]),
+    );
+    relay.wait_for("relay up", Duration::from_secs(10));
+    let admin = format!("127.0.0.1:{}", free_port_tcp());
+    let mut src = Proc::spawn(
+        d,
+        "src",
+        &s(&[
+            "primary",
+            "--certs",
+            &c,
+            "--admin",
+            &admin,
+            "--workload",
+            "ledger",
+            "--memory",
+            "256M",
+        ]),
+    );
+    src.wait_for("admin endpoint up", Duration::from_secs(30));
+    wait_ticks(&src, 2, Duration::from_secs(30));
+    let mover = std::process::Command::new(common::BIN)
+        .args(s(&[
+            "migrate",
+            "--admin",
+            &admin,
+            "--algorithm",
+            "postcopy",
+            "--to",
+            &r_addr,
+        ]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    src.wait_for("serving its pages", Duration::from_secs(30));
+    let _ = src.child.kill(); // SIGKILL: the source host dies after the switch
+    let _ = src.child.wait();
+    let status = dst.wait(Duration::from_secs(30));
+    let err = dst.err();
+    assert!(!status.success(), "the destination exited cleanly: {err}");
+    assert!(
+        err.contains("the VM is lost") && err.contains("pages never arrived"),
+        "{err}"
+    );
+    let out = mover.wait_with_output().unwrap();
+    let warned = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        warned.contains("the VM is lost"),
+        "no warning before the move: {warned}"
+    );
+    let lost = err
+        .lines()
+        .find(|l| l.contains("pages never arrived"))
+        .unwrap_or_default()
+        .to_string();
+    println!("{lost}");
+    drop(relay);
 }
 
 /// A guest dirtying ~20k pages/s over 8 MiB behind a 4 MB/s link: every round ships most of the

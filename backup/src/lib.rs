@@ -17,6 +17,7 @@
 
 mod failover;
 mod image;
+mod postcopy;
 mod session;
 
 use std::net::SocketAddr;

@@ -33,11 +33,13 @@ pub enum BackupError {
     Dump(#[source] std::io::Error),
     #[error("promotion failed: {0}")]
     Promote(String),
+    #[error("the VM is lost: {0}")]
+    VmLost(String),
 }
 
 /// Why one session ended early; logged, and the connection closed with it.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(crate) enum SessionError {
     #[error("link: {0}")]
     Link(String),
     #[error("protocol violation: {0}")]
@@ -50,12 +52,16 @@ enum SessionError {
     PrimaryLost { silence: Duration },
     #[error("the primary handed the VM over at epoch {epoch}")]
     HandedOver { epoch: u64 },
+    #[error("postcopy failed after the VM started here: {0}")]
+    VmLost(String),
 }
 
 /// How a session ended without a protocol or link error.
 enum Ended {
     /// The primary said goodbye.
     Goodbye(Held),
+    /// A postcopy move finished: the VM runs here on its own memory.
+    Postcopied(understudy_vmm::Vm),
     /// Planned switchover: the primary paused its guest after `epoch` and asks us to take over.
     HandedOver {
         epoch: u64,
@@ -160,6 +166,20 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
         metrics::gauge!("understudy_peer_connected").set(0.0);
         cfg.status.update(|s| s.peer = None);
         match served {
+            Ok(Ended::Postcopied(vm)) => {
+                conn.close(4, "postcopy done: the VM runs on the destination");
+                cfg.status.update(|s| s.role = "promoted".into());
+                cfg.status.set_state("running", None);
+                info!("promoted: the VM runs here (postcopy); every page has arrived");
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(r) = vm.exit_reason() {
+                        info!(reason = ?r, "the guest stopped");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                return Ok(());
+            }
             Ok(Ended::Goodbye(held)) => {
                 info!(peer = conn.peer_name(), "session ended");
                 if let Some(dir) = &cfg.dump_dir {
@@ -206,6 +226,11 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                 if take_over_or_listen(&cfg, &endpoint, t, &stop, why).await? {
                     return Ok(());
                 }
+            }
+            Err(SessionError::VmLost(why)) => {
+                conn.close(1, "the VM is lost");
+                endpoint.close(0, "backup stopping");
+                return Err(BackupError::VmLost(why));
             }
             Err(e) => {
                 error!(peer = conn.peer_name(), error = %e, "session ended");
@@ -262,7 +287,7 @@ fn dump(dir: &Path, held: &Replicated) -> std::io::Result<()> {
     std::fs::write(dir.join("state.bin"), state)
 }
 
-fn now_unix_ns() -> u128 {
+pub(crate) fn now_unix_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -353,6 +378,12 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         _ => unreachable!("answer_hello returns Welcome or Reject"),
     };
     let image = image.expect("a Welcome comes with an image");
+    if hello.mode == understudy_protocol::Mode::Postcopy {
+        info!(version, vm = %hello.vm_id, "postcopy move accepted: the VM will run here before its memory has arrived");
+        let vm = crate::postcopy::serve(conn, tx, rx, &hello, image, &limits, cfg.failure_timeout)
+            .await?;
+        return Ok(Ended::Postcopied(vm));
+    }
     let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;
     let held: Held = Arc::new(Mutex::new(Replicated {
         image,

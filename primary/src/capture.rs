@@ -463,6 +463,8 @@ fn live_rounds(
         f(&mut plan.record.lock().unwrap_or_else(|e| e.into_inner()))
     };
     match plan.algorithm {
+        // Moved by crate::postcopy, without the capture thread.
+        Algorithm::Postcopy | Algorithm::Hybrid => {}
         Algorithm::Precopy => {
             let p = plan.precopy;
             let mut rounds = 0u32;

@@ -23,6 +23,7 @@ mod capture;
 mod journal;
 mod lease;
 pub mod migrate;
+mod postcopy;
 mod session;
 pub mod status;
 

@@ -27,17 +27,35 @@ pub enum Algorithm {
     Precopy,
     /// Background live snapshots at an adaptive interval; the eviction ships the last dirt.
     QuickEviction,
+    /// Switch first: the destination runs the VM at once and pulls pages on demand while the
+    /// source pushes the rest. The VM is lost if either host fails before the last page.
+    Postcopy,
+    /// One live pass of every page, then postcopy for the pages dirtied since.
+    Hybrid,
 }
 
 impl Algorithm {
     /// Every algorithm, in the order the help lists them.
-    pub const ALL: [Algorithm; 2] = [Algorithm::Precopy, Algorithm::QuickEviction];
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Precopy,
+        Algorithm::QuickEviction,
+        Algorithm::Postcopy,
+        Algorithm::Hybrid,
+    ];
+
+    /// Whether the VM runs on the destination before all its memory is there (postcopy,
+    /// hybrid): then one host failing during the move loses it.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Algorithm::Postcopy | Algorithm::Hybrid)
+    }
 
     /// The name used on the command line, in logs and in metrics labels.
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Precopy => "precopy",
             Algorithm::QuickEviction => "quick-eviction",
+            Algorithm::Postcopy => "postcopy",
+            Algorithm::Hybrid => "hybrid",
         }
     }
 }
@@ -310,7 +328,9 @@ pub(crate) fn report(
     wire_bytes: u64,
 ) -> MigrationReport {
     let during = match (record.progress_start, record.progress_end) {
-        (Some((t0, p0)), Some((t1, p1))) if t1 > t0 => {
+        // Postcopy pauses at once: no window to measure here (the guest runs on the
+        // destination during the move).
+        (Some((t0, p0)), Some((t1, p1))) if t1 - t0 > std::time::Duration::from_millis(200) => {
             Some(p1.saturating_sub(p0) as f64 / (t1 - t0).as_secs_f64())
         }
         _ => None,
@@ -333,9 +353,10 @@ pub(crate) fn report(
         rounds: record.rounds,
         final_pages: record.final_pages,
         throughput_ratio,
-        // The source keeps its complete VM until the destination confirms it runs the final
-        // epoch: a destination failure during the move loses nothing.
-        vm_lost_if_a_host_fails: false,
+        // Precopy and quick eviction: the source keeps its complete VM until the destination
+        // confirms it runs the final epoch, so a destination failure loses nothing. Postcopy
+        // and hybrid: between the switch and the last page neither host has the whole VM.
+        vm_lost_if_a_host_fails: algorithm.is_postcopy(),
     }
 }
 

@@ -373,11 +373,11 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
 }
 
 /// An accepted session with a backup: the connection and its control stream.
-struct Link {
-    conn: Connection,
-    tx: FrameSender,
-    rx: FrameReader,
-    version: u16,
+pub(crate) struct Link {
+    pub(crate) conn: Connection,
+    pub(crate) tx: FrameSender,
+    pub(crate) rx: FrameReader,
+    pub(crate) version: u16,
 }
 
 /// Connects to the backup and says hello; returns the accepted link.
@@ -480,7 +480,7 @@ struct Shared {
 }
 
 /// How one session ended (the VM is handed back in every case).
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Stopped on request (or after `stop_after_epochs`): the guest is paused at `end`.
     Finished(CaptureEnd),
     /// The backup or the link failed; the guest is running.
@@ -735,7 +735,12 @@ async fn protect(
         };
         summary.sessions += 1;
         let moved = plan.as_ref().map(|p| (p.algorithm, Arc::clone(&p.record)));
-        let (back, end, s) = session(vm, l, cfg, &shared, plan).await;
+        let (back, end, s) = match plan {
+            Some(p) if p.algorithm.is_postcopy() => {
+                crate::postcopy::move_vm(vm, l, cfg, &shared.map, &shared.gate, p).await
+            }
+            plan => session(vm, l, cfg, &shared, plan).await,
+        };
         vm = back;
         summary.last_epoch = s.last_epoch;
         summary.last_acked = s.last_acked;
@@ -1012,14 +1017,12 @@ async fn standalone(
             "moving",
             Some(format!("{} to {}", req.algorithm.name(), req.to)),
         );
-        let link = open_link_to(
-            endpoint,
-            cfg,
-            &sh.map,
-            (req.to, &req.to_name),
-            Mode::Migrate,
-        )
-        .await;
+        let mode = if req.algorithm.is_postcopy() {
+            Mode::Postcopy
+        } else {
+            Mode::Migrate
+        };
+        let link = open_link_to(endpoint, cfg, &sh.map, (req.to, &req.to_name), mode).await;
         match link {
             Ok(link) => {
                 let now = Instant::now();
@@ -1069,10 +1072,10 @@ async fn standalone(
 
 /// What one session did.
 #[derive(Default)]
-struct SessionStats {
-    last_epoch: u64,
-    last_acked: u64,
-    wire_bytes: u64,
+pub(crate) struct SessionStats {
+    pub(crate) last_epoch: u64,
+    pub(crate) last_acked: u64,
+    pub(crate) wire_bytes: u64,
 }
 
 fn heartbeat_loop(

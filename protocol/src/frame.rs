@@ -59,6 +59,8 @@ pub enum FrameKind {
     Lease = 11,
     /// [`crate::LeaseReply`]
     LeaseReply = 12,
+    /// [`crate::Demand`]
+    Demand = 13,
 }
 
 impl FrameKind {
@@ -77,6 +79,7 @@ impl FrameKind {
             10 => FrameKind::Chunk,
             11 => FrameKind::Lease,
             12 => FrameKind::LeaseReply,
+            13 => FrameKind::Demand,
             _ => return None,
         })
     }

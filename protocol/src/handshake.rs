@@ -43,7 +43,7 @@ impl LocalEnd {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             vm_id: vm_id.into(),
-            modes: vec![Mode::Protect, Mode::Migrate],
+            modes: vec![Mode::Protect, Mode::Migrate, Mode::Postcopy],
             held: None,
             limits: Limits::default(),
         }

@@ -109,9 +109,9 @@ pub use frame::{decode_frame, FrameDecoder, FrameError, FrameKind, FRAME_HEADER_
 pub use handshake::{answer_hello, LocalEnd};
 pub use limits::{Limits, Page, PAGE_SIZE};
 pub use message::{
-    Ack, ChunkFrame, Commit, EpochDigest, Evict, Goodbye, GoodbyeReason, Heartbeat, Hello, Lease,
-    LeaseReply, MemoryLayout, Message, MessageError, Mode, Promote, Region, Reject, RejectCode,
-    Successor, Welcome,
+    Ack, ChunkFrame, Commit, Demand, EpochDigest, Evict, Goodbye, GoodbyeReason, Heartbeat, Hello,
+    Lease, LeaseReply, MemoryLayout, Message, MessageError, Mode, Promote, Region, Reject,
+    RejectCode, Successor, Welcome,
 };
 
 /// The protocol version this build speaks and sends.

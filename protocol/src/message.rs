@@ -18,6 +18,11 @@
 //! | `Chunk` (10) | a chunk, see [`crate::codec`] |
 //! | `Lease` (11) | `vm_id text, holder text, ttl_ms u32, seq u64[, successor u8, name text]` |
 //! | `LeaseReply` (12) | `granted u8, holder text, ttl_ms u32, seq u64` |
+//! | `Demand` (13) | `count u32, count x page u32` |
+//!
+//! In a postcopy move ([`Mode::Postcopy`]) the source's first `Commit` carries only the VM
+//! state; the destination runs the VM at once and asks for the pages its guest touches first
+//! with `Demand`, while the source pushes every page in the background.
 //!
 //! `Lease`/`LeaseReply` travel between a node (primary or backup) and the witness: a node may
 //! run the VM only while it holds the lease (fencing against split brain). The holder also
@@ -137,6 +142,9 @@ pub enum Mode {
     Protect = 1,
     /// A planned move: the backup takes over at the end.
     Migrate = 2,
+    /// A postcopy move: the destination runs the VM from the first `Commit` (state only) and
+    /// pulls pages on demand.
+    Postcopy = 3,
 }
 
 impl Mode {
@@ -144,6 +152,7 @@ impl Mode {
         match v {
             1 => Ok(Mode::Protect),
             2 => Ok(Mode::Migrate),
+            3 => Ok(Mode::Postcopy),
             _ => Err(MessageError::InvalidEnum {
                 field: "mode",
                 value: v.into(),
@@ -335,6 +344,14 @@ pub struct Promote {
     pub epoch: u64,
 }
 
+/// Postcopy: pages the destination's guest is waiting for; the source sends them before
+/// anything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// Page indices (at most the limits' `max_chunk_records`).
+    pub pages: Vec<u32>,
+}
+
 /// Planned eviction: `final_epoch` is the last epoch the primary sends; after committing it the
 /// backup takes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,6 +510,8 @@ pub enum Message {
     LeaseReply(LeaseReply),
     /// See [`Evict`].
     Evict(Evict),
+    /// See [`Demand`].
+    Demand(Demand),
     /// See [`Goodbye`].
     Goodbye(Goodbye),
     /// See [`ChunkFrame`].
@@ -513,6 +532,7 @@ impl Message {
             Message::Lease(_) => FrameKind::Lease,
             Message::LeaseReply(_) => FrameKind::LeaseReply,
             Message::Evict(_) => FrameKind::Evict,
+            Message::Demand(_) => FrameKind::Demand,
             Message::Goodbye(_) => FrameKind::Goodbye,
             Message::Chunk(_) => FrameKind::Chunk,
         }
@@ -607,6 +627,12 @@ impl Message {
                 put_u64(out, l.seq);
             }
             Message::Evict(e) => put_u64(out, e.final_epoch),
+            Message::Demand(d) => {
+                put_u32(out, d.pages.len() as u32);
+                for p in &d.pages {
+                    put_u32(out, *p);
+                }
+            }
             Message::Goodbye(g) => {
                 put_u16(out, g.reason as u16);
                 put_text(out, &g.text);
@@ -756,6 +782,29 @@ impl Message {
             FrameKind::Evict => Message::Evict(Evict {
                 final_epoch: need(r.u64(), "final epoch")?,
             }),
+            FrameKind::Demand => {
+                let count = need(r.u32(), "demand count")?;
+                if count > limits.max_chunk_records {
+                    return Err(MessageError::OverLimit {
+                        field: "demanded pages",
+                        len: count.into(),
+                        max: limits.max_chunk_records.into(),
+                    });
+                }
+                let mut pages = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    let page = need(r.u32(), "demanded page")?;
+                    if u64::from(page) >= limits.max_image_pages {
+                        return Err(MessageError::OverLimit {
+                            field: "demanded page index",
+                            len: page.into(),
+                            max: limits.max_image_pages,
+                        });
+                    }
+                    pages.push(page);
+                }
+                Message::Demand(Demand { pages })
+            }
             FrameKind::Goodbye => Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::from_wire(need(r.u16(), "goodbye reason")?)?,
                 text: read_text(&mut r, "text", limits)?,

@@ -5,9 +5,9 @@ mod common;
 use proptest::prelude::*;
 use understudy_protocol::frame::{begin_frame, decode_frame, finish_frame};
 use understudy_protocol::{
-    answer_hello, Ack, Commit, Digest, EpochDigest, Evict, FrameDecoder, FrameError, FrameKind,
-    Goodbye, GoodbyeReason, Heartbeat, Hello, Lease, LeaseReply, Limits, LocalEnd, MemoryLayout,
-    Message, Mode, PageTree, Promote, Region, Reject, RejectCode, Successor, Welcome,
+    answer_hello, Ack, Commit, Demand, Digest, EpochDigest, Evict, FrameDecoder, FrameError,
+    FrameKind, Goodbye, GoodbyeReason, Heartbeat, Hello, Lease, LeaseReply, Limits, LocalEnd,
+    MemoryLayout, Message, Mode, PageTree, Promote, Region, Reject, RejectCode, Successor, Welcome,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
@@ -23,7 +23,11 @@ fn hello() -> impl Strategy<Value = Hello> {
     (
         1u16..4,
         0u16..3,
-        prop_oneof![Just(Mode::Protect), Just(Mode::Migrate)],
+        prop_oneof![
+            Just(Mode::Protect),
+            Just(Mode::Migrate),
+            Just(Mode::Postcopy)
+        ],
         text(),
         prop::collection::vec((0u64..1 << 20, 1u64..1 << 16), 0..5),
         prop::option::of((any::<u64>(), digest())),
@@ -120,6 +124,8 @@ fn message() -> impl Strategy<Value = Message> {
             })
         ),
         any::<u64>().prop_map(|final_epoch| Message::Evict(Evict { final_epoch })),
+        proptest::collection::vec(0u32..(1 << 22), 0..64)
+            .prop_map(|pages| Message::Demand(Demand { pages })),
         (
             prop_oneof![Just(GoodbyeReason::Done), Just(GoodbyeReason::Error)],
             text()

@@ -161,6 +161,12 @@ pub enum UffdError {
         #[source]
         source: io::Error,
     },
+    #[error("unmapping page {page} again failed")]
+    Invalidate {
+        page: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("waiting for a fault failed")]
     Read(#[source] io::Error),
     #[error("fault at host address {0:#x}, outside the registered memory")]
@@ -601,6 +607,38 @@ impl LazyMemory {
             written += i - start;
         }
         Ok(written)
+    }
+
+    /// Makes a present page absent again: its mapping is dropped (the memfd keeps its content)
+    /// and the next access faults. For a hybrid move's destination, whose pre-pass copy of the
+    /// page went stale: call it only while nothing runs on the memory (before the VM starts),
+    /// since the guest's writes to the page since it became present would be lost.
+    pub fn invalidate(&self, page_index: u64) -> Result<(), UffdError> {
+        self.check_range(page_index, 1)?;
+        let span = self
+            .span_of_page(page_index)
+            .expect("check_range: every page is in a span");
+        let addr = span.host + (page_index - span.first) * PAGE_SIZE;
+        // SAFETY: the page lies inside the span's registered mapping, which `self.memory` keeps
+        // mapped; MADV_DONTNEED on a shared memfd mapping only drops page table entries (the
+        // page cache, i.e. the content, stays), so no memory of ours becomes invalid.
+        let rc = unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(UffdError::Invalidate {
+                page: page_index,
+                source: io::Error::last_os_error(),
+            });
+        }
+        if self.state[page_index as usize].swap(ABSENT, Ordering::AcqRel) == PRESENT {
+            self.present.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Unregisters the memory: from now on every access maps the memfd's page as it is, without
