@@ -208,6 +208,7 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         "understudy_bytes_encoded_total",
         "understudy_bytes_wire_total",
         "understudy_pages_total",
+        "understudy_migrations_total",
     ]);
     let stop = stop_flag()?;
     let status = understudy_primary::status::StatusBoard::new("primary", &args.vm_id);
