@@ -318,7 +318,8 @@ pub struct BackupArgs {
     /// Exit after serving one primary instead of waiting for the next.
     #[arg(long)]
     once: bool,
-    /// How long a Commit may wait for its chunks before the session is ended.
+    /// With a Commit waiting for its chunks: how long no chunk at all may arrive before the
+    /// session is ended (a slow link that keeps delivering is given the time it needs).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     chunk_timeout: Duration,
     #[command(flatten)]

@@ -564,6 +564,7 @@ async fn session_loop(
         .is_some();
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
     let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
+    let mut last_chunk = Instant::now();
     loop {
         tokio::select! {
             msg = control.recv() => {
@@ -611,6 +612,7 @@ async fn session_loop(
                     .ok_or_else(|| SessionError::Link("chunk receiver ended".into()))?
                     .map_err(SessionError::Protocol)?;
                 let e = chunk.epoch;
+                last_chunk = Instant::now();
                 if !understudy_protocol::epoch_in_window(e, committed) {
                     return Err(SessionError::Protocol(format!(
                         "chunk for epoch {e} while epoch {committed} is the last committed"
@@ -633,9 +635,12 @@ async fn session_loop(
         while let Some((c, since)) = commits.front() {
             let have = staged.get(&c.epoch).map_or(0, |a| a.chunk_count());
             if have < c.chunk_count as usize {
-                if since.elapsed() > cfg.chunk_timeout {
+                // A slow link may take longer than the timeout to deliver an epoch (its Commit
+                // overtakes its chunks): only a link that delivers nothing at all for that
+                // long ends the session.
+                if since.elapsed() > cfg.chunk_timeout && last_chunk.elapsed() > cfg.chunk_timeout {
                     return Err(SessionError::Protocol(format!(
-                        "Commit({}) announced {} chunks, {have} arrived within {:?}",
+                        "Commit({}) announced {} chunks, {have} arrived, and no chunk at all came for {:?}",
                         c.epoch, c.chunk_count, cfg.chunk_timeout
                     )));
                 }
