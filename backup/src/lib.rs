@@ -44,7 +44,8 @@ pub struct BackupConfig {
     pub dump_dir: Option<PathBuf>,
     /// Exit after the first session instead of waiting for the next primary.
     pub exit_after_session: bool,
-    /// How long a `Commit` may wait for its chunks before the session is ended.
+    /// With a `Commit` waiting for its chunks, how long no chunk at all may arrive before the
+    /// session is ended.
     pub chunk_timeout: Duration,
     /// Silence from the primary after which it is declared failed.
     pub failure_timeout: Duration,
