@@ -2,6 +2,7 @@
 //! compared with, measured in the same run.
 
 mod failover;
+mod migrate;
 mod protect;
 
 use anyhow::Result;
@@ -15,11 +16,15 @@ pub enum BenchCommand {
     /// Failover drills at 256 MiB and 1 GiB: detection, promotion and RTO against issue 5's
     /// targets (see BENCHMARKS.md).
     Failover(failover::FailoverBenchArgs),
+    /// Our migration algorithms and QEMU's on QEMU's reference guest (same memory, working set
+    /// and dirty rate), in one table with issue 6's targets (see BENCHMARKS.md).
+    Migrate(migrate::MigrateBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<i32> {
     match cmd {
         BenchCommand::Protect(args) => protect::run(args),
         BenchCommand::Failover(args) => failover::run(args),
+        BenchCommand::Migrate(args) => migrate::run(args),
     }
 }
