@@ -318,6 +318,12 @@ pub struct BackupArgs {
     /// Exit after serving one primary instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    /// Keep the hot image and the committed VM state on disk in this directory,
+    /// crash-consistently (a journal of committed epochs folded into an image file). A
+    /// restarted backup checks what it finds there and reports its epoch; the next session
+    /// still starts with a full sync (delta resync is not built yet).
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
     /// With a Commit waiting for its chunks: how long no chunk at all may arrive before the
     /// session is ended (a slow link that keeps delivering is given the time it needs).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -421,6 +427,7 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         ack_delay: args.ack_delay,
         ack_journal: args.ack_journal,
         dump_dir: args.dump_dir,
+        image_dir: args.image_dir,
         exit_after_session: args.once,
         chunk_timeout: args.chunk_timeout,
         failure_timeout: args.failover.failure_timeout,

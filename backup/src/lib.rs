@@ -17,6 +17,7 @@
 
 mod failover;
 mod image;
+mod persist;
 mod postcopy;
 mod session;
 
@@ -42,6 +43,8 @@ pub struct BackupConfig {
     pub ack_journal: Option<PathBuf>,
     /// When the primary says goodbye: leave the image and the last state blob here.
     pub dump_dir: Option<PathBuf>,
+    /// Keep the hot image and committed state on disk here, crash-consistently.
+    pub image_dir: Option<PathBuf>,
     /// Exit after the first session instead of waiting for the next primary.
     pub exit_after_session: bool,
     /// With a `Commit` waiting for its chunks, how long no chunk at all may arrive before the

@@ -122,6 +122,9 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     {
         warn!(error = %e, "could not prepare KVM; a promotion would fail");
     }
+    if let Some(dir) = &cfg.image_dir {
+        report_stored_image(dir).await;
+    }
     info!(addr = %cfg.listen, vm = %cfg.vm_id, "backup listening");
     metrics::gauge!("understudy_role", "role" => "backup").set(1.0);
     cfg.status.set_state("listening", None);
@@ -243,6 +246,37 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     }
     endpoint.close(0, "backup stopping");
     Ok(())
+}
+
+/// Checks the image a previous run left in `dir` and says what it holds. (Resuming from it
+/// with a delta is not built yet: the next session starts with a full sync.)
+async fn report_stored_image(dir: &Path) {
+    let Some(pages) = crate::persist::stored_pages(dir) else {
+        info!(dir = %dir.display(), "no stored image yet: one is kept here from the first session on");
+        return;
+    };
+    let d = dir.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut target =
+            crate::persist::HashesOnly(vec![understudy_protocol::ZERO_PAGE_HASH; pages as usize]);
+        crate::persist::load(&d, &mut target)
+    })
+    .await;
+    match checked {
+        Ok(Ok(Some(l))) => info!(
+            dir = %dir.display(),
+            epoch = l.epoch,
+            digest = %l.digest,
+            journal_records = l.replayed,
+            consistent_state_epoch = ?l.state.as_ref().map(|s| s.0),
+            "stored image intact: the last committed epoch on disk, digest verified (a new session starts with a full sync)"
+        ),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            error!(dir = %dir.display(), error = %e, "the stored image is damaged; it will be replaced")
+        }
+        Err(e) => error!(error = %e, "checking the stored image failed"),
+    }
 }
 
 /// Refuses a connection that arrives while another primary is being served.
@@ -385,6 +419,19 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         return Ok(Ended::Postcopied(vm));
     }
     let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;
+    // Persistence: this session starts from a zeroed image, and so does the copy on disk.
+    let persister = match &cfg.image_dir {
+        None => None,
+        Some(dir) => {
+            let p =
+                crate::persist::Persister::start(dir, pages).map_err(|e| SessionError::Apply {
+                    epoch: 0,
+                    reason: format!("cannot keep the image in {}: {e}", dir.display()),
+                })?;
+            p.reset();
+            Some(p)
+        }
+    };
     let held: Held = Arc::new(Mutex::new(Replicated {
         image,
         replica: Replica::zeroed(pages as u32),
@@ -490,9 +537,13 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
             chunks: &mut chunk_rx,
             acks: &ack_tx,
             out: &out_tx,
+            persist: persister.as_ref(),
         },
     )
     .await;
+    if let Some(p) = &persister {
+        p.flush();
+    }
     control_reader.abort();
     receiver.abort();
     drop(ack_tx);
@@ -539,6 +590,8 @@ struct Links<'a> {
     acks: &'a mpsc::UnboundedSender<(u64, Instant)>,
     /// Messages to send at once (heartbeat replies).
     out: &'a mpsc::UnboundedSender<Message>,
+    /// `--image-dir`: committed epochs go to disk.
+    persist: Option<&'a crate::persist::Persister>,
 }
 
 async fn session_loop(
@@ -554,6 +607,7 @@ async fn session_loop(
         chunks,
         acks,
         out,
+        persist,
     } = links;
     let mut committed = 0u64;
     // A promoted VM that will be re-protected needs dirty logging.
@@ -654,10 +708,43 @@ async fn session_loop(
             let started = Instant::now();
             let c_state_empty = c.state.is_empty();
             let prepare_logging = reprotect;
+            if let Some(why) = persist.and_then(|p| p.failure()) {
+                return Err(SessionError::Apply {
+                    epoch: c.epoch,
+                    reason: format!("this backup can no longer keep its image on disk ({why}); free space or fix --image-dir, then restart it"),
+                });
+            }
+            let persist_tx = persist.map(|p| p.sender());
             let (epoch, outcome) = tokio::task::spawn_blocking(move || {
                 let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
                 let h = &mut *h;
+                let touched: Vec<u32> = if persist_tx.is_some() {
+                    let mut v: Vec<u32> = assembler.pages().collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                } else {
+                    Vec::new()
+                };
                 let r = assembler.commit(&c, &mut h.replica, &mut h.image);
+                if let (Ok(_), Some(tx)) = (&r, &persist_tx) {
+                    use understudy_protocol::PageImage;
+                    let mut data = vec![0u8; touched.len() * understudy_protocol::PAGE_SIZE];
+                    for (p, out) in touched
+                        .iter()
+                        .zip(data.chunks_exact_mut(understudy_protocol::PAGE_SIZE))
+                    {
+                        h.image
+                            .read_page(*p, out.try_into().expect("PAGE_SIZE chunks"));
+                    }
+                    tx.record(crate::persist::Record {
+                        epoch: c.epoch,
+                        digest: c.digest,
+                        pages: touched,
+                        data,
+                        state: c.state.clone(),
+                    });
+                }
                 let mut console = Vec::new();
                 if r.is_ok() && !c.state.is_empty() {
                     if let Ok(s) = VmState::decode(&c.state, DEFAULT_STATE_LIMIT) {

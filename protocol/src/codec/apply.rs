@@ -252,6 +252,14 @@ pub struct EpochAssembler {
 }
 
 impl EpochAssembler {
+    /// The pages the staged chunks write, in chunk order (a page may appear in several chunks
+    /// of an epoch only if they were sent so; the last one wins on apply).
+    pub fn pages(&self) -> impl Iterator<Item = u32> + '_ {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.records.iter().map(|r| r.page))
+    }
+
     /// An empty staging area for `epoch`.
     pub fn new(epoch: u64, limits: Limits) -> Self {
         EpochAssembler {
