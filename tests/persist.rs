@@ -101,3 +101,118 @@ fn a_backup_killed_at_random_moments_finds_its_last_committed_epoch_intact() {
         "ticks not exactly once in order: {t:?}"
     );
 }
+
+/// Unmounts a test filesystem when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The backup's disk fills while it persists: the backup says why and ends the session, the
+/// primary runs on unprotected, and what is on disk is still a consistent committed epoch.
+#[test]
+fn a_full_disk_ends_the_session_with_a_reason_and_corrupts_nothing() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(&d.join("certs"), &["primary", "backup"]);
+    let c = d.join("certs").display().to_string();
+    let img = d.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    // A 40 MiB filesystem for a 64 MiB guest: the image cannot fit.
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&img)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs `mount` (util-linux): {e}"));
+    assert!(
+        mount.status.success(),
+        "this test needs to mount a small tmpfs (root): {}",
+        String::from_utf8_lossy(&mount.stderr)
+    );
+    let _mounted = Mounted(img.clone());
+    let img = img.display().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut backup = Proc::spawn(
+        d,
+        "backup",
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &addr,
+            "--image-dir",
+            &img,
+            "--once",
+        ]),
+    );
+    backup.wait_for("backup listening", Duration::from_secs(10));
+    let primary = Proc::spawn(
+        d,
+        "primary",
+        &s(&[
+            "primary",
+            "--certs",
+            &c,
+            "--backup",
+            &addr,
+            "--workload",
+            "dirty",
+            "--memory",
+            "64M",
+            "--working-set",
+            "48M",
+            "--mix",
+            "random=100",
+            "--rate",
+            "5000",
+            "--reconnect-interval",
+            "500ms",
+        ]),
+    );
+    primary.wait_for("UNPROTECTED", Duration::from_secs(60));
+    let status = backup.wait(Duration::from_secs(30));
+    let err = backup.err();
+    assert!(
+        err.contains("can no longer keep its image on disk") && err.contains("No space left"),
+        "no clear reason for the full disk: {status} {err}"
+    );
+    // The primary keeps its guest running without a backup.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(primary.err().contains("UNPROTECTED"), "{}", primary.err());
+    // Nothing corrupt on disk: a new backup over the same directory finds a consistent epoch
+    // (or, if not even the first checkpoint fit, no image at all), never a damaged one.
+    let check = Proc::spawn(
+        d,
+        "check",
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--image-dir",
+            &img,
+        ]),
+    );
+    check.wait_for("backup listening", Duration::from_secs(30));
+    let err = check.err();
+    assert!(!err.contains("stored image is damaged"), "{err}");
+    assert!(
+        err.contains("stored image intact") || err.contains("no stored image yet"),
+        "{err}"
+    );
+    println!(
+        "{}",
+        err.lines()
+            .find(|l| l.contains("stored image") || l.contains("no stored image"))
+            .unwrap_or_default()
+    );
+}

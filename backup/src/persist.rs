@@ -37,7 +37,7 @@ const MAX_RECORD: u64 = 1 << 31;
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    #[error("{what} {path}")]
+    #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
         path: PathBuf,
