@@ -221,18 +221,7 @@ async fn run(
                 );
                 tokio::spawn(async move {
                     let r = async {
-                        let frame = reader
-                            .read_frame()
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .ok_or("empty chunk stream")?;
-                        let chunk = match messages::decode(&frame, &limits) {
-                            Ok(Message::Chunk(c)) => c,
-                            Ok(other) => {
-                                return Err(format!("{:?} on a chunk stream", other.kind()))
-                            }
-                            Err(e) => return Err(format!("undecodable chunk frame: {e}")),
-                        };
+                        let chunk = crate::session::read_chunk(&mut reader, &limits).await?;
                         tokio::task::spawn_blocking(move || {
                             fill_chunk(&chunk, &limits, &lazy, &times)
                         })

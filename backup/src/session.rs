@@ -328,6 +328,23 @@ pub(crate) fn now_unix_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Reads the one chunk frame a uni stream carries.
+pub(crate) async fn read_chunk(
+    reader: &mut understudy_transport::FrameReader,
+    limits: &Limits,
+) -> Result<understudy_protocol::ChunkFrame, String> {
+    let frame = reader
+        .read_frame()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("empty chunk stream")?;
+    match messages::decode(&frame, limits) {
+        Ok(Message::Chunk(c)) => Ok(c),
+        Ok(other) => Err(format!("{:?} on a chunk stream", other.kind())),
+        Err(e) => Err(format!("undecodable chunk frame: {e}")),
+    }
+}
+
 /// Writes control messages in the order queued.
 async fn writer(
     mut tx: FrameSender,
@@ -460,18 +477,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
                 let limits = limits.clone();
                 tokio::spawn(async move {
                     let decoded = async {
-                        let frame = reader
-                            .read_frame()
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .ok_or("empty chunk stream")?;
-                        let chunk = match messages::decode(&frame, &limits) {
-                            Ok(Message::Chunk(c)) => c,
-                            Ok(other) => {
-                                return Err(format!("{:?} on a chunk stream", other.kind()))
-                            }
-                            Err(e) => return Err(format!("undecodable chunk frame: {e}")),
-                        };
+                        let chunk = read_chunk(&mut reader, &limits).await?;
                         tokio::task::spawn_blocking(move || {
                             ChunkDecoder::new(limits, pages)
                                 .decode_frame(&chunk)

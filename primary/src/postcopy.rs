@@ -17,13 +17,13 @@ use understudy_protocol::{
     Commit, Demand, Digest, DirtyPage, EncoderConfig, EncoderState, Limits, Message, Page,
     PageTree, PAGE_SIZE,
 };
-use understudy_transport::{messages, Connection};
+use understudy_transport::messages;
 use understudy_vmm::guests::layout::PROGRESS_GPA;
 use understudy_vmm::{OutputGate, Vm};
 
 use crate::capture::PageMap;
 use crate::migrate::{Algorithm, Plan};
-use crate::session::{Link, PrimaryError, SessionEnd, SessionStats};
+use crate::session::{send_chunks, Link, PrimaryError, SessionEnd, SessionStats};
 use crate::status::SwitchoverReport;
 use crate::PrimaryConfig;
 
@@ -60,26 +60,6 @@ fn fresh_encoder(pages: u32, epoch: u64, version: u16) -> EncoderState {
             ..EncoderConfig::default()
         },
     )
-}
-
-async fn send_chunks(conn: &Connection, chunks: Vec<Vec<u8>>) -> Result<u64, PrimaryError> {
-    let mut sends = tokio::task::JoinSet::new();
-    let mut bytes = 0;
-    for chunk in chunks {
-        bytes += chunk.len() as u64;
-        let conn = conn.clone();
-        sends.spawn(async move {
-            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-            s.send(&chunk).await.map_err(|e| e.to_string())?;
-            s.finish().map_err(|e| e.to_string())
-        });
-    }
-    while let Some(r) = sends.join_next().await {
-        r.map_err(|e| PrimaryError::Link(e.to_string()))?
-            .map_err(PrimaryError::Link)?;
-    }
-    metrics::counter!("understudy_bytes_wire_total").increment(bytes);
-    Ok(bytes)
 }
 
 /// Reads `indices` out of guest memory and encodes them as the next epoch's chunks.

@@ -190,22 +190,7 @@ async fn send_epoch(
     kill_at: Option<KillAt>,
     sync: u64,
 ) -> Result<u64, PrimaryError> {
-    let mut sends = tokio::task::JoinSet::new();
-    let mut bytes = e.commit.len() as u64;
-    for chunk in &e.chunks {
-        bytes += chunk.len() as u64;
-        let conn = conn.clone();
-        let chunk = chunk.clone();
-        sends.spawn(async move {
-            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-            s.send(&chunk).await.map_err(|e| e.to_string())?;
-            s.finish().map_err(|e| e.to_string())
-        });
-    }
-    while let Some(r) = sends.join_next().await {
-        r.map_err(|e| PrimaryError::Link(e.to_string()))?
-            .map_err(PrimaryError::Link)?;
-    }
+    let bytes = e.commit.len() as u64 + send_chunks(conn, e.chunks.clone()).await?;
     if e.epoch > sync {
         KillAt::check(kill_at, KillPhase::Send, e.epoch);
     }
@@ -217,6 +202,31 @@ async fn send_epoch(
         .map_err(|err| PrimaryError::Link(err.to_string()))?;
     if e.epoch > sync {
         KillAt::check(kill_at, KillPhase::Commit, e.epoch);
+    }
+    metrics::counter!("understudy_bytes_wire_total").increment(e.commit.len() as u64);
+    Ok(bytes)
+}
+
+/// Sends each chunk frame on its own uni stream, in parallel; returns the bytes sent (also
+/// counted in `understudy_bytes_wire_total`).
+pub(crate) async fn send_chunks(
+    conn: &Connection,
+    chunks: Vec<Vec<u8>>,
+) -> Result<u64, PrimaryError> {
+    let mut sends = tokio::task::JoinSet::new();
+    let mut bytes = 0;
+    for chunk in chunks {
+        bytes += chunk.len() as u64;
+        let conn = conn.clone();
+        sends.spawn(async move {
+            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+            s.send(&chunk).await.map_err(|e| e.to_string())?;
+            s.finish().map_err(|e| e.to_string())
+        });
+    }
+    while let Some(r) = sends.join_next().await {
+        r.map_err(|e| PrimaryError::Link(e.to_string()))?
+            .map_err(PrimaryError::Link)?;
     }
     metrics::counter!("understudy_bytes_wire_total").increment(bytes);
     Ok(bytes)
