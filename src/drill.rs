@@ -75,7 +75,7 @@ pub struct DrillReport {
 
 pub(crate) const PHASES: [&str; 4] = ["capture", "send", "commit", "ack"];
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -84,7 +84,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(dir: &Path, label: &str, args: &[String]) -> Result<Proc> {
+pub(crate) fn spawn(dir: &Path, label: &str, args: &[String]) -> Result<Proc> {
     let out = std::fs::File::create(dir.join(format!("{label}.out")))?;
     let err = std::fs::File::create(dir.join(format!("{label}.err")))?;
     let child = Command::new(std::env::current_exe()?)
@@ -98,11 +98,11 @@ fn spawn(dir: &Path, label: &str, args: &[String]) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-fn read(dir: &Path, file: &str) -> String {
+pub(crate) fn read(dir: &Path, file: &str) -> String {
     std::fs::read_to_string(dir.join(file)).unwrap_or_default()
 }
 
-fn wait_for(dir: &Path, file: &str, needle: &str, timeout: Duration) -> Result<Instant> {
+pub(crate) fn wait_for(dir: &Path, file: &str, needle: &str, timeout: Duration) -> Result<Instant> {
     let t = Instant::now();
     loop {
         if read(dir, file).contains(needle) {
@@ -115,7 +115,7 @@ fn wait_for(dir: &Path, file: &str, needle: &str, timeout: Duration) -> Result<I
     }
 }
 
-fn field<T: std::str::FromStr>(log: &str, line_has: &str, key: &str) -> Option<T> {
+pub(crate) fn field<T: std::str::FromStr>(log: &str, line_has: &str, key: &str) -> Option<T> {
     let line = log.lines().find(|l| l.contains(line_has))?;
     let at = line.find(&format!("{key}="))? + key.len() + 1;
     let v: String = line[at..]
@@ -148,18 +148,18 @@ fn log_time(line: &str) -> Option<f64> {
     Some(((days as f64 * 86_400.0) + hh * 3600.0 + mm * 60.0 + ss) * 1e9)
 }
 
-fn line_time(log: &str, needle: &str) -> Option<f64> {
+pub(crate) fn line_time(log: &str, needle: &str) -> Option<f64> {
     log.lines().find(|l| l.contains(needle)).and_then(log_time)
 }
 
-fn unix_ns_now() -> f64 {
+pub(crate) fn unix_ns_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as f64)
         .unwrap_or(0.0)
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -303,24 +303,38 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
     report.rolled_back_epochs = captured
         .zip(report.promoted_epoch)
         .map(|(c, p)| c.saturating_sub(p));
+    report.failure = ledger_failure(&before, &after);
+    report.passed = report.failure.is_none();
+    Ok(report)
+}
+
+/// What an outside observer saw wrong in the ledger: `before` is the old primary's released
+/// console, `after` the promoted VM's. `None` when the promoted VM printed at least 3 ticks,
+/// every `tick N` is there exactly once and in order from 1, and nothing says `CORRUPT`.
+pub(crate) fn ledger_failure(before: &str, after: &str) -> Option<String> {
     let joined = format!("{before}{after}");
-    let all = ledger_ticks(&joined);
-    report.failure = if joined.contains("CORRUPT") {
+    let printed_after = ledger_ticks(after).len();
+    if joined.contains("CORRUPT") {
         Some("the ledger reported CORRUPT".into())
-    } else if tb.len() < 3 {
-        Some(format!("the promoted VM printed {} ticks", tb.len()))
-    } else if all.first() != Some(&1) {
-        Some(format!("ticks do not start at 1: {:?}", all.first()))
+    } else if printed_after < 3 {
+        Some(format!("the promoted VM printed {printed_after} ticks"))
     } else {
-        all.windows(2).find(|w| w[1] != w[0] + 1).map(|w| {
+        ticks_failure(&ledger_ticks(&joined))
+    }
+}
+
+/// `None` when `ticks` is 1, 2, 3, ... (each exactly once, in order); else what is wrong.
+pub(crate) fn ticks_failure(ticks: &[u64]) -> Option<String> {
+    if ticks.first() != Some(&1) {
+        Some(format!("ticks do not start at 1: {:?}", ticks.first()))
+    } else {
+        ticks.windows(2).find(|w| w[1] != w[0] + 1).map(|w| {
             format!(
                 "tick {} followed by {} (lost or repeated output)",
                 w[0], w[1]
             )
         })
-    };
-    report.passed = report.failure.is_none();
-    Ok(report)
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> Option<f64> {

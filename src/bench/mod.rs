@@ -4,6 +4,7 @@
 mod failover;
 mod migrate;
 mod protect;
+mod soak;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -19,6 +20,10 @@ pub enum BenchCommand {
     /// Our migration algorithms and QEMU's on QEMU's reference guest (same memory, working set
     /// and dirty rate), in one table with issue 6's targets (see BENCHMARKS.md).
     Migrate(migrate::MigrateBenchArgs),
+    /// Protect mode with the ledger guest under 2% datagram loss and random kills of either
+    /// side: failovers survived, consistency checks, lag and memory high-water marks (see
+    /// BENCHMARKS.md).
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<i32> {
@@ -26,5 +31,6 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
         BenchCommand::Protect(args) => protect::run(args),
         BenchCommand::Failover(args) => failover::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
+        BenchCommand::Soak(args) => soak::run(args),
     }
 }
