@@ -399,7 +399,17 @@ fn quick_eviction_move(d: &Path, metrics: &str, linger: &str) -> Result<Moved, S
     let dst = Proc::spawn(
         d,
         "move-dst",
-        &s(&["backup", "--certs", &c, "--listen", &dst_addr, "--once"]),
+        // 2 s: on a loaded CI machine a 300 ms silence during the move's full sync ended it.
+        &s(&[
+            "backup",
+            "--certs",
+            &c,
+            "--listen",
+            &dst_addr,
+            "--once",
+            "--failure-timeout",
+            "2s",
+        ]),
     );
     dst.wait_for("backup listening", Duration::from_secs(10));
     let admin = format!("127.0.0.1:{}", tcp_port());

@@ -673,6 +673,9 @@ async fn session_loop(
                     .map_err(SessionError::Protocol)?;
                 let e = chunk.epoch;
                 last_chunk = Instant::now();
+                // Chunks prove the primary alive as well as heartbeats do; during a full sync
+                // on a busy host they keep coming while a heartbeat may lag behind them.
+                *heard.lock().unwrap_or_else(|e| e.into_inner()) = last_chunk;
                 if !understudy_protocol::epoch_in_window(e, committed) {
                     return Err(SessionError::Protocol(format!(
                         "chunk for epoch {e} while epoch {committed} is the last committed"
