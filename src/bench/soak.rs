@@ -22,7 +22,9 @@
 //!
 //! A restarted backup always starts from a full sync: delta resync is not built yet, and the
 //! soak's backups run without `--image-dir`. While the rounds run, the current primary's metrics are scraped every 200 ms
-//! (`understudy_replication_lag_seconds` while `understudy_protected` is 1), and every
+//! (`understudy_replication_lag_seconds` while `understudy_protected` is 1; reported apart per
+//! source, and "steady" for samples taken at least 3 s after that node became protected, as the
+//! first epochs after a full sync wait behind it), and every
 //! process's `/proc/PID/status` gives its `VmHWM` (peak resident set) and `RssAnon` (sampled;
 //! the highest value seen is kept).
 
@@ -116,6 +118,7 @@ struct RoundReport {
     rto_ms: Vec<f64>,
     lag_samples: usize,
     max_lag_ms: Option<f64>,
+    max_steady_lag_ms: Option<f64>,
     checks: Vec<Check>,
     kept_dir: Option<String>,
     wall_s: f64,
@@ -141,6 +144,12 @@ struct Summary {
     lag_p50_ms: Option<f64>,
     lag_p99_ms: Option<f64>,
     max_lag_ms: Option<f64>,
+    /// Samples taken at least `STEADY` after the node became protected.
+    steady_lag_samples: usize,
+    steady_lag_p99_ms: Option<f64>,
+    max_steady_lag_ms: Option<f64>,
+    /// The highest lag per source (which node, protected by which backup).
+    max_lag_ms_by_source: BTreeMap<&'static str, f64>,
     rto_max_ms: Option<f64>,
     /// Highest VmHWM and RssAnon seen per role (a promoted backup counts as a backup).
     memory_high_water: BTreeMap<&'static str, Mem>,
@@ -167,6 +176,8 @@ struct Node {
 #[derive(Default)]
 struct Samples {
     lag: Vec<f64>,
+    steady: Vec<f64>,
+    max_by_source: BTreeMap<&'static str, f64>,
     mem: BTreeMap<&'static str, Mem>,
     loadavg1_max: f64,
     last: Option<Instant>,
@@ -200,7 +211,7 @@ fn scrape_lag(addr: &str) -> Option<f64> {
 
 impl Samples {
     /// Every 200 ms: the lag from `lag_from` and every live node's memory.
-    fn sample(&mut self, nodes: &mut [Node], lag_from: Option<&str>) {
+    fn sample(&mut self, nodes: &mut [Node], lag_from: Option<&LagFrom>) {
         if self
             .last
             .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
@@ -208,8 +219,15 @@ impl Samples {
             return;
         }
         self.last = Some(Instant::now());
-        if let Some(l) = lag_from.and_then(scrape_lag) {
-            self.lag.push(l);
+        if let Some(from) = lag_from {
+            if let Some(l) = scrape_lag(&from.addr) {
+                self.lag.push(l);
+                if from.since.elapsed() >= STEADY {
+                    self.steady.push(l);
+                }
+                let m = self.max_by_source.entry(from.source).or_default();
+                *m = m.max(l * 1e3);
+            }
         }
         for n in nodes.iter_mut() {
             if !matches!(n.proc.0.try_wait(), Ok(None)) {
@@ -251,6 +269,27 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
+/// Lag samples taken this long after a node became protected are "steady".
+const STEADY: Duration = Duration::from_secs(3);
+
+/// Where the lag is scraped: the node running the VM, while protected.
+struct LagFrom {
+    addr: String,
+    source: &'static str,
+    /// When it became protected (by the backup it has now).
+    since: Instant,
+}
+
+impl LagFrom {
+    fn new(addr: String, source: &'static str) -> Option<Self> {
+        Some(Self {
+            addr,
+            source,
+            since: Instant::now(),
+        })
+    }
+}
+
 /// A round in progress: its directory, processes and figures.
 struct Round<'a> {
     args: &'a SoakArgs,
@@ -259,8 +298,8 @@ struct Round<'a> {
     witness: String,
     nodes: Vec<Node>,
     samples: Samples,
-    /// The metrics address of the node running the VM.
-    lag_from: Option<String>,
+    /// The node running the VM, while protected.
+    lag_from: Option<LagFrom>,
     checks: Vec<Check>,
     rto_ms: Vec<f64>,
     failovers: u32,
@@ -304,8 +343,7 @@ impl Round<'_> {
     fn sleep(&mut self, d: Duration) {
         let t = Instant::now();
         while t.elapsed() < d {
-            self.samples
-                .sample(&mut self.nodes, self.lag_from.as_deref());
+            self.samples.sample(&mut self.nodes, self.lag_from.as_ref());
             std::thread::sleep(Duration::from_millis(20).min(d.saturating_sub(t.elapsed())));
         }
     }
@@ -404,7 +442,6 @@ impl Round<'_> {
         if let Some(rto) = drill::line_time(&self.err(backup), "promoted:") {
             self.rto_ms.push((rto - killed) / 1e6);
         }
-        self.lag_from = self.node(backup).metrics.clone();
         let reprotected = self.check_log(
             "promoted backup re-protects",
             backup,
@@ -412,6 +449,9 @@ impl Round<'_> {
             1,
             Duration::from_secs(60),
         );
+        if let Some(m) = self.node(backup).metrics.clone() {
+            self.lag_from = LagFrom::new(m, "promoted node, standby as backup");
+        }
         self.sleep(Duration::from_millis(1500));
         let (before, after) = (self.out(primary), self.out(backup));
         let ok = self.check(
@@ -514,7 +554,7 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
     ) {
         return Ok(("-", 0.0));
     }
-    r.lag_from = Some(metrics);
+    r.lag_from = LagFrom::new(metrics.clone(), "primary, first backup");
     let protected = Duration::from_secs_f64(rng.between(5.0, 20.0));
     r.sleep(protected);
     let alive = matches!(r.node("primary").proc.0.try_wait(), Ok(None));
@@ -537,6 +577,7 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
     let b = r.node("backup");
     let _ = b.proc.0.kill();
     let _ = b.proc.0.wait();
+    r.lag_from = None;
     if !r.check_log(
         "primary notices the backup loss",
         "primary",
@@ -560,6 +601,7 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
         return Ok(("backup", protected.as_secs_f64()));
     }
     r.backup_losses += 1;
+    r.lag_from = LagFrom::new(metrics, "primary, new backup after a full re-sync");
     r.sleep(Duration::from_secs_f64(rng.between(2.0, 5.0)));
     let out = r.out("primary");
     let ticks = ledger_ticks(&out);
@@ -658,6 +700,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
         };
         let mut lag = r.samples.lag.clone();
         lag.sort_by(f64::total_cmp);
+        let steady_max = r.samples.steady.iter().copied().max_by(f64::total_cmp);
         let report = RoundReport {
             round: n,
             killed,
@@ -668,11 +711,17 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             rto_ms: r.rto_ms.clone(),
             lag_samples: lag.len(),
             max_lag_ms: lag.last().map(|l| l * 1e3),
+            max_steady_lag_ms: steady_max.map(|l| l * 1e3),
             checks: r.checks.clone(),
             kept_dir,
             wall_s: t.elapsed().as_secs_f64(),
         };
         all.lag.extend(&r.samples.lag);
+        all.steady.extend(&r.samples.steady);
+        for (source, m) in &r.samples.max_by_source {
+            let a = all.max_by_source.entry(source).or_default();
+            *a = a.max(*m);
+        }
         for (role, m) in &r.samples.mem {
             let a = all.mem.entry(role).or_default();
             a.vm_hwm_kib = a.vm_hwm_kib.max(m.vm_hwm_kib);
@@ -687,7 +736,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             .collect();
         eprintln!(
             "round {n} [{:>5.0} s]: protected {:>4.1} s, killed {:<7} {}  checks {}/{}  \
-             failovers {}  backup losses {}  RTO {} ms  max lag {} ms  load {}{}{}",
+             failovers {}  backup losses {}  RTO {} ms  max lag {} ms (steady {})  load {}{}{}",
             started.elapsed().as_secs_f64(),
             protected_s,
             killed,
@@ -703,6 +752,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
                 .collect::<Vec<_>>()
                 .join(","),
             fmt_ms(report.max_lag_ms),
+            fmt_ms(report.max_steady_lag_ms),
             loadavg(),
             if failed.is_empty() {
                 String::new()
@@ -726,6 +776,8 @@ pub fn run(args: SoakArgs) -> Result<i32> {
     };
     let mut lag = all.lag.clone();
     lag.sort_by(f64::total_cmp);
+    let mut steady = all.steady.clone();
+    steady.sort_by(f64::total_cmp);
     let summary = Summary {
         minutes: args.minutes,
         seed,
@@ -745,6 +797,10 @@ pub fn run(args: SoakArgs) -> Result<i32> {
         lag_p50_ms: pct(&lag, 0.5).map(|l| l * 1e3),
         lag_p99_ms: pct(&lag, 0.99).map(|l| l * 1e3),
         max_lag_ms: lag.last().map(|l| l * 1e3),
+        steady_lag_samples: steady.len(),
+        steady_lag_p99_ms: pct(&steady, 0.99).map(|l| l * 1e3),
+        max_steady_lag_ms: steady.last().map(|l| l * 1e3),
+        max_lag_ms_by_source: all.max_by_source.clone(),
         rto_max_ms: reports
             .iter()
             .flat_map(|r| r.rto_ms.iter().copied())
@@ -775,6 +831,8 @@ pub fn run(args: SoakArgs) -> Result<i32> {
              losses survived {}\n\
              consistency checks passed {} failed {}; other checks passed {} failed {}\n\
              lag ({} samples, while protected): p50 {} ms, p99 {} ms, max {} ms; RTO max {} ms\n\
+             lag from {:?} on after a node became protected ({} samples): p99 {} ms, max {} ms\n\
+             max lag by source: {}\n\
              memory high-water: primary {}; backup {}; witness {}; relay {}\n\
              load average before {}, after {}, 1-min max {:.2}\n\
              note: {}",
@@ -793,6 +851,16 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             fmt_ms(summary.lag_p99_ms),
             fmt_ms(summary.max_lag_ms),
             fmt_ms(summary.rto_max_ms),
+            STEADY,
+            summary.steady_lag_samples,
+            fmt_ms(summary.steady_lag_p99_ms),
+            fmt_ms(summary.max_steady_lag_ms),
+            summary
+                .max_lag_ms_by_source
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1} ms"))
+                .collect::<Vec<_>>()
+                .join("; "),
             mem("primary"),
             mem("backup"),
             mem("witness"),
