@@ -8,23 +8,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
 use understudy_vmm::guests::ledger_ticks;
-
-fn lag_seconds(metrics: &str) -> Option<f64> {
-    let mut s = std::net::TcpStream::connect(metrics).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with("understudy_replication_lag_seconds "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
 fn through_a_lossy_link(loss: &str) {
     require_kvm();
@@ -33,10 +20,7 @@ fn through_a_lossy_link(loss: &str) {
     certs(&d.join("certs"), &["primary", "backup"]);
     let c = d.join("certs").display().to_string();
     let (bp, rp) = (free_port(), free_port());
-    let metrics = format!("127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let b_addr = format!("127.0.0.1:{bp}");
     let r_addr = format!("127.0.0.1:{rp}");
     let bdump = d.join("bdump").display().to_string();
@@ -96,7 +80,7 @@ fn through_a_lossy_link(loss: &str) {
     let t = Instant::now();
     while primary.child.try_wait().unwrap().is_none() {
         assert!(t.elapsed() < Duration::from_secs(120), "{}", primary.err());
-        if let Some(l) = lag_seconds(&metrics) {
+        if let Some(l) = scrape_metric(&metrics, "understudy_replication_lag_seconds") {
             lags.push(l);
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{certs, free_port, require_kvm, run, s, Proc};
+use common::{certs, free_port, free_tcp_port, require_kvm, run, s, Proc};
 use understudy_vmm::guests::ledger_ticks;
 
 struct Pair {
@@ -57,7 +57,7 @@ fn pair(guest: &[&str], via_relay: Option<&[&str]>) -> (Pair, Option<Proc>) {
             (r_addr, Some(relay))
         }
     };
-    let admin = format!("127.0.0.1:{}", free_port_tcp());
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
     let mut a = s(&["primary", "--certs", &c, "--admin", &admin]);
     a.extend(s(&["--linger-after-move", "0s"]));
     a.extend(s(guest));
@@ -74,14 +74,6 @@ fn pair(guest: &[&str], via_relay: Option<&[&str]>) -> (Pair, Option<Proc>) {
         },
         relay,
     )
-}
-
-fn free_port_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits until the console `out` of `p` holds at least `n` ledger ticks.
@@ -217,7 +209,7 @@ fn a_source_that_dies_mid_postcopy_loses_the_vm() {
         ]),
     );
     relay.wait_for("relay up", Duration::from_secs(10));
-    let admin = format!("127.0.0.1:{}", free_port_tcp());
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
     let mut src = Proc::spawn(
         d,
         "src",

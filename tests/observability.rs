@@ -54,14 +54,6 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A plain HTTP/1.0 GET; the body when the status is 200.
 fn http_get(addr: &str, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
@@ -222,7 +214,7 @@ fn start_trio(d: &Path) -> Trio {
     certs(&d.join("certs"), &["primary", "backup", "witness"]);
     let certs_dir = d.join("certs").display().to_string();
     let (wp, bp) = (free_port(), free_port());
-    let metrics = [0; 3].map(|_| format!("127.0.0.1:{}", tcp_port()));
+    let metrics = [0; 3].map(|_| format!("127.0.0.1:{}", free_tcp_port()));
     let witness_addr = format!("127.0.0.1:{wp}");
     let backup_addr = format!("127.0.0.1:{bp}");
     let witness = Proc::spawn(
@@ -349,7 +341,7 @@ fn start_drill(d: &Path, addr: &str, linger: &str) -> Result<Proc, String> {
 
 /// Runs a short drill serving metrics, scraping it until it ends.
 fn drill_scrape(d: &Path) -> Result<Scrape, String> {
-    let addr = format!("127.0.0.1:{}", tcp_port());
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
     let mut drill = start_drill(d, &addr, "1s")?;
     let mut all = Scrape::default();
     let t = Instant::now();
@@ -412,7 +404,7 @@ fn quick_eviction_move(d: &Path, metrics: &str, linger: &str) -> Result<Moved, S
         ]),
     );
     dst.wait_for("backup listening", Duration::from_secs(10));
-    let admin = format!("127.0.0.1:{}", tcp_port());
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
     let src = Proc::spawn(
         d,
         "move-src",
@@ -549,7 +541,7 @@ fn every_metric_is_emitted_in_a_protect_and_failover_run() {
 
     // A move: the source's snapshot interval while it ships snapshots, the move's figures
     // while it lingers.
-    let addr = format!("127.0.0.1:{}", tcp_port());
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
     match quick_eviction_move(d, &addr, "3s") {
         Ok(moved) => {
             all.merge(moved.during);
@@ -724,11 +716,11 @@ fn prometheus_evaluates_every_dashboard_query() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut trio = start_trio(d);
-    let prom = format!("127.0.0.1:{}", tcp_port());
+    let prom = format!("127.0.0.1:{}", free_tcp_port());
     // A drill and the source of a move (later) serve their metrics here; Prometheus scrapes
     // them from the start.
-    let drill_addr = format!("127.0.0.1:{}", tcp_port());
-    let move_addr = format!("127.0.0.1:{}", tcp_port());
+    let drill_addr = format!("127.0.0.1:{}", free_tcp_port());
+    let move_addr = format!("127.0.0.1:{}", free_tcp_port());
     let prom_dir: PathBuf = d.join("prometheus");
     let log = std::fs::File::create(d.join("prometheus.log")).unwrap();
     let mut cmd = Command::new("bash");

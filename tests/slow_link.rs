@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{certs, free_port, require_kvm, s, Proc};
+use common::{certs, free_port, free_tcp_port, require_kvm, s, scrape_metric, Proc};
 
 /// A process's private (anonymous) resident memory in bytes: heap and buffers, not the guest
 /// memory, which lives in shared memfds.
@@ -23,17 +22,6 @@ fn rss_anon(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    let mut s = std::net::TcpStream::connect(metrics).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded() {
     require_kvm();
@@ -43,10 +31,7 @@ fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded()
     let c = d.join("certs").display().to_string();
     let b_addr = format!("127.0.0.1:{}", free_port());
     let r_addr = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let backup = Proc::spawn(
         d,
         "backup",
@@ -107,7 +92,7 @@ fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded()
             backup.err()
         );
         samples.push((p.unwrap(), b.unwrap()));
-        if let Some(i) = gauge(&metrics, "understudy_epoch_interval_seconds") {
+        if let Some(i) = scrape_metric(&metrics, "understudy_epoch_interval_seconds") {
             intervals.push(i);
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -44,6 +44,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP port that was free a moment ago (metrics and admin endpoints).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the unlabelled metric `name` in a scrape of the Prometheus endpoint `addr`.
+pub fn scrape_metric(addr: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 /// A child process whose stdout and stderr go to files (read them at any time).
 pub struct Proc {
     pub child: Child,
