@@ -194,6 +194,8 @@ pub(crate) struct Loaded {
     pub state: Option<(u64, Vec<u8>)>,
     /// Journal records replayed after the image's checkpoint.
     pub replayed: usize,
+    /// Bytes at the journal's start that hold whole, valid records (a torn tail follows).
+    pub journal_valid: u64,
 }
 
 /// Where [`load`] puts the pages.
@@ -235,6 +237,25 @@ impl LoadTarget for HashesOnly {
     }
 }
 
+/// Loads into the backup's hot image, keeping each page's hash for the replica's tree.
+pub(crate) struct IntoHot<'a, I: understudy_protocol::PageImage + ?Sized> {
+    pub image: &'a mut I,
+    pub hashes: Vec<understudy_protocol::PageHash>,
+}
+
+impl<I: understudy_protocol::PageImage + ?Sized> LoadTarget for IntoHot<'_, I> {
+    fn page_count(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+    fn put(&mut self, index: u32, data: &Page) {
+        self.image.write_page(index, data);
+        self.hashes[index as usize] = understudy_protocol::digest::hash_page(data);
+    }
+    fn digest(&mut self) -> Digest {
+        PageTree::from_hashes(self.hashes.clone()).digest()
+    }
+}
+
 /// The page count of the image stored in `dir`, if it holds one.
 pub(crate) fn stored_pages(dir: &Path) -> Option<u64> {
     std::fs::read(dir.join("meta"))
@@ -272,6 +293,7 @@ pub(crate) fn load(dir: &Path, image: &mut dyn LoadTarget) -> Result<Option<Load
         digest: meta.digest,
         state: None,
         replayed: 0,
+        journal_valid: 0,
     };
     let jpath = dir.join("journal");
     let mut buf = Vec::new();
@@ -294,6 +316,7 @@ pub(crate) fn load(dir: &Path, image: &mut dyn LoadTarget) -> Result<Option<Load
         }
         loaded.replayed += 1;
     }
+    loaded.journal_valid = at as u64;
     if at < buf.len() {
         warn!(
             bytes = buf.len() - at,
@@ -343,12 +366,22 @@ impl RecordSender {
 }
 
 impl Persister {
-    /// Starts the writer for an image of `pages` pages in `dir` (created if missing).
-    pub fn start(dir: &Path, pages: u64) -> Result<Persister, PersistError> {
+    /// Starts the writer for an image of `pages` pages in `dir` (created if missing). With
+    /// `resumed` (what [`load`] found), the stored image goes on: the journal's torn tail, if
+    /// any, is cut off so that new records follow the last valid one. Without it, the caller
+    /// resets the store.
+    pub fn start(
+        dir: &Path,
+        pages: u64,
+        resumed: Option<&Loaded>,
+    ) -> Result<Persister, PersistError> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let failed = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::sync_channel::<Msg>(64);
         let mut w = Writer::open(dir, pages)?;
+        if let Some(l) = resumed {
+            w.resume(l)?;
+        }
         let f = Arc::clone(&failed);
         std::thread::Builder::new()
             .name("persist".into())
@@ -448,6 +481,23 @@ impl Writer {
             last: None,
             last_state: Vec::new(),
         })
+    }
+
+    /// Goes on from a loaded image: cuts the journal after its last valid record.
+    fn resume(&mut self, l: &Loaded) -> Result<(), PersistError> {
+        let jpath = self.dir.join("journal");
+        if self.journal_len != l.journal_valid {
+            self.journal
+                .set_len(l.journal_valid)
+                .and_then(|()| self.journal.sync_all())
+                .map_err(io("cutting the torn tail of", &jpath))?;
+            self.journal_len = l.journal_valid;
+        }
+        self.last = Some((l.epoch, l.digest));
+        if let Some((_, state)) = &l.state {
+            self.last_state = state.clone();
+        }
+        Ok(())
     }
 
     fn append(&mut self, r: Record) -> Result<(), PersistError> {
@@ -587,7 +637,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut truth = Mem(vec![0; PAGES as usize * PAGE_SIZE]);
-        let p = Persister::start(d, PAGES).unwrap();
+        let p = Persister::start(d, PAGES, None).unwrap();
         p.reset();
         let mut want = None;
         for e in 1..=5 {
@@ -620,7 +670,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut truth = Mem(vec![0; PAGES as usize * PAGE_SIZE]);
-        let p = Persister::start(d, PAGES).unwrap();
+        let p = Persister::start(d, PAGES, None).unwrap();
         p.reset();
         for e in 1..=3 {
             p.record(epoch(e, &mut truth));

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use understudy_protocol::{
     answer_hello, Ack, ChunkDecoder, Commit, DecodedChunk, EpochAssembler, Heartbeat, Limits,
-    LocalEnd, Message, Replica,
+    LocalEnd, Message, Mode, PageTree, Replica,
 };
 use understudy_transport::messages;
 use understudy_transport::{Connection, Endpoint, FrameSender, Identity, TransportOptions};
@@ -248,8 +248,8 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
     Ok(())
 }
 
-/// Checks the image a previous run left in `dir` and says what it holds. (Resuming from it
-/// with a delta is not built yet: the next session starts with a full sync.)
+/// Checks the image a previous run left in `dir` and says what it holds. A primary that still
+/// knows that image resumes from it with a delta; any other gets a full sync.
 async fn report_stored_image(dir: &Path) {
     let Some(pages) = crate::persist::stored_pages(dir) else {
         info!(dir = %dir.display(), "no stored image yet: one is kept here from the first session on");
@@ -269,7 +269,7 @@ async fn report_stored_image(dir: &Path) {
             digest = %l.digest,
             journal_records = l.replayed,
             consistent_state_epoch = ?l.state.as_ref().map(|s| s.0),
-            "stored image intact: the last committed epoch on disk, digest verified (a new session starts with a full sync)"
+            "stored image intact: the last committed epoch on disk, digest verified (a primary that sent it resumes from it with a delta)"
         ),
         Ok(Ok(None)) => {}
         Ok(Err(e)) => {
@@ -401,10 +401,11 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         }
         Err(e) => return Err(SessionError::Protocol(format!("undecodable Hello: {e}"))),
     };
-    let mut answer = answer_hello(&hello, &LocalEnd::new(cfg.vm_id.clone()));
+    let mut local = LocalEnd::new(cfg.vm_id.clone());
+    let mut answer = answer_hello(&hello, &local);
     // The image is ready before the Welcome: the primary's clocks (heartbeats, the in-flight
     // window) start at the Welcome, and allocating a large image takes a while.
-    let image = match answer {
+    let mut image = match answer {
         Message::Welcome(_) => match HotImage::new(&hello.layout) {
             Ok(image) => Some(image),
             Err(e) => {
@@ -417,6 +418,52 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         },
         _ => None,
     };
+    // A primary that offers to resume gets the image kept on disk, if there is one for this
+    // layout: it then sends only what changed since (or reconnects without the offer).
+    let mut resumed: Option<(crate::persist::Loaded, PageTree)> = None;
+    if let (Some(img), Some(dir), Some(_), Mode::Protect) =
+        (image.as_mut(), &cfg.image_dir, hello.base, hello.mode)
+    {
+        let pages = hello.layout.total_pages();
+        if crate::persist::stored_pages(dir) == Some(pages) {
+            let mut target = crate::persist::IntoHot {
+                image: img,
+                hashes: vec![understudy_protocol::ZERO_PAGE_HASH; pages as usize],
+            };
+            match crate::persist::load(dir, &mut target) {
+                Ok(Some(l)) => {
+                    let tree = PageTree::from_hashes(target.hashes);
+                    local.held = Some((
+                        hello.layout.clone(),
+                        understudy_protocol::EpochDigest {
+                            epoch: l.epoch,
+                            digest: l.digest,
+                        },
+                    ));
+                    resumed = Some((l, tree));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "the stored image cannot be resumed from; starting from zeros")
+                }
+            }
+            if resumed.is_none() {
+                // Pages may have been loaded: start from a zeroed image.
+                image = HotImage::new(&hello.layout).ok();
+            }
+        }
+        if resumed.is_some() {
+            answer = answer_hello(&hello, &local);
+        }
+    }
+    if image.is_none() {
+        if let Message::Welcome(_) = answer {
+            answer = Message::Reject(understudy_protocol::Reject {
+                code: understudy_protocol::RejectCode::Layout,
+                reason: "the backup cannot hold this memory layout".into(),
+            });
+        }
+    }
     let _ = messages::send(&mut tx, &answer).await;
     let version = match answer {
         Message::Welcome(w) => w.version,
@@ -436,26 +483,42 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
         return Ok(Ended::Postcopied(vm));
     }
     let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;
-    // Persistence: this session starts from a zeroed image, and so does the copy on disk.
+    let resumed = resumed.filter(|_| matches!(answer, Message::Welcome(w) if w.resumed));
+    // Persistence: a resumed session goes on from the stored image (its epochs continue the
+    // store's numbering); any other starts from a zeroed image, and so does the copy on disk.
+    let store_base = resumed.as_ref().map_or(0, |(l, _)| l.epoch);
     let persister = match &cfg.image_dir {
         None => None,
         Some(dir) => {
-            let p =
-                crate::persist::Persister::start(dir, pages).map_err(|e| SessionError::Apply {
+            let p = crate::persist::Persister::start(dir, pages, resumed.as_ref().map(|(l, _)| l))
+                .map_err(|e| SessionError::Apply {
                     epoch: 0,
                     reason: format!("cannot keep the image in {}: {e}", dir.display()),
                 })?;
-            p.reset();
+            if resumed.is_none() {
+                p.reset();
+            }
             Some(p)
         }
     };
+    let replica = match resumed {
+        Some((l, tree)) => {
+            info!(
+                stored_epoch = l.epoch,
+                digest = %l.digest,
+                "resuming from the stored image: the primary sends only what changed since"
+            );
+            Replica::from_tree(tree, 0)
+        }
+        None => Replica::zeroed(pages as u32),
+    };
     let held: Held = Arc::new(Mutex::new(Replicated {
         image,
-        replica: Replica::zeroed(pages as u32),
+        replica,
         state: None,
         prepared: None,
     }));
-    info!(version, vm = %hello.vm_id, pages, mode = ?hello.mode, "session accepted");
+    info!(version, vm = %hello.vm_id, pages, mode = ?hello.mode, resumed = store_base > 0, "session accepted");
 
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(writer(tx, out_rx));
@@ -544,6 +607,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
             acks: &ack_tx,
             out: &out_tx,
             persist: persister.as_ref(),
+            store_base,
         },
     )
     .await;
@@ -598,6 +662,9 @@ struct Links<'a> {
     out: &'a mpsc::UnboundedSender<Message>,
     /// `--image-dir`: committed epochs go to disk.
     persist: Option<&'a crate::persist::Persister>,
+    /// The stored epoch this session resumed from: on disk, epoch E of the session is
+    /// `store_base + E`, so that the store's numbering keeps increasing.
+    store_base: u64,
 }
 
 async fn session_loop(
@@ -614,6 +681,7 @@ async fn session_loop(
         acks,
         out,
         persist,
+        store_base,
     } = links;
     let mut committed = 0u64;
     // A promoted VM that will be re-protected needs dirty logging.
@@ -747,7 +815,7 @@ async fn session_loop(
                             .read_page(*p, out.try_into().expect("PAGE_SIZE chunks"));
                     }
                     tx.record(crate::persist::Record {
-                        epoch: c.epoch,
+                        epoch: store_base + c.epoch,
                         digest: c.digest,
                         pages: touched,
                         data,

@@ -9,6 +9,7 @@ use understudy_protocol::{MemoryLayout, Region, PAGE_SIZE};
 use understudy_vmm::guests::layout::PROGRESS_GPA;
 use understudy_vmm::{RegionSpec, Vm};
 
+use crate::resync::ResyncBook;
 use crate::session::PrimaryError;
 
 /// Maps guest-physical addresses to the protocol's page index space (the regions' pages
@@ -148,6 +149,11 @@ pub(crate) struct Captured {
     pub pages: Staging,
     /// The VM state blob; empty for full-sync epochs (not a consistent checkpoint).
     pub state: Vec<u8>,
+    /// The delta resync's first epoch: `indices` become zero pages on the backup (`pages` is
+    /// empty), so that both sides know those pages again (see `resync`).
+    pub zeroes: bool,
+    /// The resync book's clock of the dirty-log read this epoch's pages come from.
+    pub clock: u64,
     pub captured_at: Instant,
     /// Holds one of the `max_in_flight` slots until the backup acknowledges the epoch.
     pub slot: OwnedSemaphorePermit,
@@ -181,6 +187,29 @@ pub(crate) struct CaptureCtl {
     pub in_flight: Arc<Mutex<crate::session::InFlight>>,
     /// The last epoch the backup acknowledged.
     pub last_acked: Arc<std::sync::atomic::AtomicU64>,
+    /// What the sync before the consistent epochs sends.
+    pub sync: SyncPlan,
+    /// Every read of the dirty log is noted here (delta resync).
+    pub book: Arc<Mutex<ResyncBook>>,
+}
+
+/// The sync a session starts with.
+#[derive(Debug)]
+pub(crate) enum SyncPlan {
+    /// Every page (the backup starts from zeros).
+    Full,
+    /// The backup kept an earlier image: zero these pages there, then send them.
+    Delta(Vec<u32>),
+}
+
+impl SyncPlan {
+    /// Sync epochs for a memory of `total` pages in batches of `batch`.
+    pub fn epochs(&self, total: u32, batch: u32) -> u64 {
+        match self {
+            SyncPlan::Full => sync_epochs(total, batch),
+            SyncPlan::Delta(pages) => 1 + sync_epochs(pages.len() as u32, batch),
+        }
+    }
 }
 
 /// How the capture thread ended.
@@ -235,21 +264,56 @@ pub(crate) fn sync_epochs(pages: u32, batch: u32) -> u64 {
     u64::from(pages.div_ceil(batch.max(1)))
 }
 
-/// Runs the full sync and then the epoch loop until stopped.
+/// Notes a read of the dirty log in the resync book; returns its clock.
+fn note_changed(ctl: &CaptureCtl, indices: &[u32]) -> u64 {
+    ctl.book
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .changed(indices)
+}
+
+/// Runs the sync (full or delta) and then the epoch loop until stopped. The caller has reset
+/// the dirty log just before, so that everything changed from then on is in the first
+/// consistent epoch.
 pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, PrimaryError> {
-    let total = ctl.map.total();
     let batch = ctl.sync_batch.max(1);
-    // Dirty logging is on since boot; reset it so that everything changed from here on is in
-    // the first consistent epoch.
-    vm.take_dirty()?;
     let started = Instant::now();
     let mut epoch = 0u64;
+    let order: Vec<u32> = match &ctl.sync {
+        SyncPlan::Full => (0..ctl.map.total()).collect(),
+        SyncPlan::Delta(pages) => {
+            // First the pages the backup holds stale content for become zero pages there
+            // (records of a few bytes each): after that the primary knows its whole image.
+            let slot = take_slot_or_fence(vm, ctl)?;
+            epoch += 1;
+            send(
+                ctl,
+                Captured {
+                    epoch,
+                    indices: pages.clone(),
+                    pages: ctl.staging.take(0),
+                    state: Vec::new(),
+                    zeroes: true,
+                    clock: 0,
+                    captured_at: Instant::now(),
+                    slot,
+                },
+            )?;
+            pages.clone()
+        }
+    };
+    let total = order.len() as u32;
+    let what = match ctl.sync {
+        SyncPlan::Full => "full sync",
+        SyncPlan::Delta(_) => "delta resync",
+    };
     let mut last_report = Instant::now();
-    for first in (0..total).step_by(batch as usize) {
+    let mut done = 0u32;
+    for batch_pages in order.chunks(batch as usize) {
         let slot = take_slot_or_fence(vm, ctl)?;
-        let n = batch.min(total - first);
-        let mut pages = ctl.staging.take(n as usize * PAGE_SIZE);
-        let indices: Vec<u32> = (first..first + n).collect();
+        let n = batch_pages.len();
+        let mut pages = ctl.staging.take(n * PAGE_SIZE);
+        let indices: Vec<u32> = batch_pages.to_vec();
         for (i, buf) in indices
             .iter()
             .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
@@ -265,16 +329,18 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                 indices,
                 pages,
                 state: Vec::new(),
+                zeroes: false,
+                clock: 0,
                 captured_at: Instant::now(),
                 slot,
             },
         )?;
-        let done = first + n;
+        done += n as u32;
         if ctl.progress_bar {
             eprint!(
-                "\rfull sync [{:<40}] {:>3}% {done}/{total} pages",
-                "#".repeat((done as usize * 40) / total as usize),
-                done as u64 * 100 / u64::from(total)
+                "\r{what} [{:<40}] {:>3}% {done}/{total} pages",
+                "#".repeat((done as usize * 40) / total.max(1) as usize),
+                u64::from(done) * 100 / u64::from(total.max(1))
             );
             if done == total {
                 eprintln!();
@@ -283,8 +349,8 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             tracing::info!(
                 pages = done,
                 of = total,
-                percent = done as u64 * 100 / u64::from(total),
-                "full sync progress"
+                percent = u64::from(done) * 100 / u64::from(total.max(1)),
+                "{what} progress"
             );
             last_report = Instant::now();
         }
@@ -295,7 +361,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     tracing::info!(
         pages = total,
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-        "full sync read; consistent epochs follow"
+        "{what} read; consistent epochs follow"
     );
 
     // A move: live rounds, then the loop below captures the final epoch at once.
@@ -338,6 +404,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
             vm.memory().read(gpa, buf)?;
         }
+        let clock = note_changed(ctl, &indices);
         // The epoch's console bytes travel in its checkpoint: if this primary dies after the
         // backup committed the epoch but before releasing them, the promoted VM emits them.
         let (sealed, console) = vm.gate().seal_copy();
@@ -381,6 +448,8 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                 indices,
                 pages,
                 state: state.clone(),
+                zeroes: false,
+                clock,
                 captured_at: t0,
                 slot,
             },
@@ -413,6 +482,7 @@ fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, Pri
         indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
         vm.memory().read(gpa, buf)?;
     }
+    let clock = note_changed(ctl, &indices);
     *epoch += 1;
     send(
         ctl,
@@ -421,6 +491,8 @@ fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, Pri
             indices,
             pages,
             state: Vec::new(),
+            zeroes: false,
+            clock,
             captured_at: t0,
             slot,
         },

@@ -24,6 +24,7 @@ mod journal;
 mod lease;
 pub mod migrate;
 mod postcopy;
+mod resync;
 mod session;
 pub mod status;
 

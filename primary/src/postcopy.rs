@@ -100,6 +100,7 @@ async fn run(
         tx,
         mut rx,
         version,
+        ..
     } = link;
     // Heartbeats for the whole move, so that the destination tells a slow transfer from a
     // dead source.

@@ -21,10 +21,11 @@ use understudy_transport::{
 use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, VmError};
 
 use crate::capture::{
-    capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap, StagingPool,
+    capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap, StagingPool, SyncPlan,
 };
 use crate::journal::Journal;
 use crate::lease::{keep_lease, Keeper, LeaseSource, Succession};
+use crate::resync::ResyncBook;
 use crate::status::{StatusBoard, SwitchoverReport};
 use crate::{KillAt, KillPhase, PrimaryConfig};
 
@@ -124,18 +125,30 @@ fn encoder_thread(
     mut rx: mpsc::Receiver<Captured>,
     tx: mpsc::Sender<Encoded>,
     totals: Arc<Totals>,
-) -> Result<(), PrimaryError> {
+    book: Arc<Mutex<ResyncBook>>,
+) -> Result<understudy_protocol::PageTree, PrimaryError> {
+    static ZERO: Page = [0u8; PAGE_SIZE];
     while let Some(c) = rx.blocking_recv() {
-        let dirty: Vec<DirtyPage<'_>> = c
-            .indices
-            .iter()
-            .zip(c.pages.bytes().chunks_exact(PAGE_SIZE))
-            .map(|(&index, data)| DirtyPage {
-                index,
-                data: <&Page>::try_from(data).expect("PAGE_SIZE chunks"),
-                base: None,
-            })
-            .collect();
+        let dirty: Vec<DirtyPage<'_>> = if c.zeroes {
+            c.indices
+                .iter()
+                .map(|&index| DirtyPage {
+                    index,
+                    data: &ZERO,
+                    base: None,
+                })
+                .collect()
+        } else {
+            c.indices
+                .iter()
+                .zip(c.pages.bytes().chunks_exact(PAGE_SIZE))
+                .map(|(&index, data)| DirtyPage {
+                    index,
+                    data: <&Page>::try_from(data).expect("PAGE_SIZE chunks"),
+                    base: None,
+                })
+                .collect()
+        };
         let e = encoder.encode_epoch(c.epoch, &dirty, threads)?;
         let s = e.stats;
         metrics::counter!("understudy_pages_total", "kind" => "zero").increment(s.zero);
@@ -143,12 +156,23 @@ fn encoder_thread(
         metrics::counter!("understudy_pages_total", "kind" => "ref").increment(s.refs);
         metrics::counter!("understudy_pages_total", "kind" => "full").increment(s.full);
         metrics::counter!("understudy_pages_total", "kind" => "delta").increment(s.delta);
-        let raw = (c.indices.len() * PAGE_SIZE) as u64;
+        let raw = if c.zeroes {
+            0
+        } else {
+            (c.indices.len() * PAGE_SIZE) as u64
+        };
         metrics::counter!("understudy_bytes_raw_total").increment(raw);
         metrics::counter!("understudy_bytes_encoded_total").increment(s.wire_bytes);
         totals.raw.fetch_add(raw, Ordering::Relaxed);
         totals.wire.fetch_add(s.wire_bytes, Ordering::Relaxed);
-        let commit = messages::encode(&Message::Commit(e.commit(c.state)));
+        let commit = e.commit(c.state);
+        if !commit.state.is_empty() {
+            // A consistent epoch: a backup holding its image can later resume from it.
+            book.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .encoded(commit.digest, c.clock);
+        }
+        let commit = messages::encode(&Message::Commit(commit));
         let out = Encoded {
             epoch: c.epoch,
             pages: c.indices.len() as u32,
@@ -161,7 +185,7 @@ fn encoder_thread(
             break;
         }
     }
-    Ok(())
+    Ok(encoder.tree().clone())
 }
 
 /// Stops the capture thread when dropped.
@@ -388,22 +412,46 @@ pub(crate) struct Link {
     pub(crate) tx: FrameSender,
     pub(crate) rx: FrameReader,
     pub(crate) version: u16,
+    /// The backup kept the image with this digest and this primary knows it: the session
+    /// sends a delta instead of a full sync.
+    pub(crate) resume: Option<understudy_protocol::Digest>,
 }
 
-/// Connects to the backup and says hello; returns the accepted link.
+/// Connects to the backup and says hello; returns the accepted link. With `book`, offers to
+/// resume: a backup that kept an image says which, and if this primary still knows it the
+/// session sends only what changed since; if not, it reconnects without the offer, which makes
+/// the backup start from zeros (a full sync).
 async fn open_link(
     endpoint: &Endpoint,
     cfg: &PrimaryConfig,
     map: &PageMap,
+    book: Option<&Mutex<ResyncBook>>,
 ) -> Result<Link, PrimaryError> {
-    open_link_to(
-        endpoint,
-        cfg,
-        map,
-        (cfg.backup, &cfg.backup_name),
-        Mode::Protect,
-    )
-    .await
+    let to = (cfg.backup, cfg.backup_name.as_str());
+    let offer = book.and_then(|b| b.lock().unwrap_or_else(|e| e.into_inner()).newest());
+    let Some((digest, clock)) = offer else {
+        return open_link_to(endpoint, cfg, map, to, Mode::Protect, None).await;
+    };
+    let base = understudy_protocol::EpochDigest {
+        epoch: clock,
+        digest,
+    };
+    let mut link = open_link_to(endpoint, cfg, map, to, Mode::Protect, Some(base)).await?;
+    let Some(held) = link.resume else {
+        return Ok(link);
+    };
+    let known = book.is_some_and(|b| b.lock().unwrap_or_else(|e| e.into_inner()).knows(&held));
+    if known {
+        return Ok(link);
+    }
+    warn!(
+        digest = %held,
+        "the backup kept an image this primary did not send or no longer remembers; reconnecting for a full sync"
+    );
+    link.conn
+        .close(6, "unknown image: reconnecting for a full sync");
+    link.resume = None;
+    open_link_to(endpoint, cfg, map, to, Mode::Protect, None).await
 }
 
 /// Connects to `to` (address, certificate name) and says hello for `mode`.
@@ -413,6 +461,7 @@ async fn open_link_to(
     map: &PageMap,
     to: (SocketAddr, &str),
     mode: Mode,
+    base: Option<understudy_protocol::EpochDigest>,
 ) -> Result<Link, PrimaryError> {
     let limits = Limits::default();
     let conn = endpoint
@@ -434,7 +483,7 @@ async fn open_link_to(
         mode,
         vm_id: cfg.vm_id.clone(),
         layout: map.layout(),
-        base: None,
+        base,
     };
     messages::send(&mut tx, &Message::Hello(hello))
         .await
@@ -444,10 +493,18 @@ async fn open_link_to(
         .await
         .map_err(|e| PrimaryError::Link(e.to_string()))?
         .ok_or_else(|| PrimaryError::Link("the backup closed the control stream".into()))?;
-    let version = match messages::decode(&reply, &limits)
+    let (version, resume) = match messages::decode(&reply, &limits)
         .map_err(|e| PrimaryError::Protocol(e.to_string()))?
     {
-        Message::Welcome(w) => w.version,
+        Message::Welcome(w) if w.resumed && base.is_some() => {
+            info!(
+                backup_epoch = w.epoch,
+                digest = %w.digest,
+                "the backup kept an image from an earlier session"
+            );
+            (w.version, Some(w.digest))
+        }
+        Message::Welcome(w) => (w.version, None),
         Message::Reject(r) => {
             warn!(code = ?r.code, reason = %r.reason, "the backup refused the session");
             return Err(PrimaryError::Rejected(r.reason));
@@ -461,6 +518,7 @@ async fn open_link_to(
         tx,
         rx,
         version,
+        resume,
     })
 }
 
@@ -478,7 +536,8 @@ pub enum OnBackupLoss {
 struct Shared {
     map: PageMap,
     gate: Arc<OutputGate>,
-    sync: u64,
+    /// What this primary sent, across sessions: a backup that kept an image gets a delta.
+    book: Arc<Mutex<ResyncBook>>,
     stop: Arc<AtomicBool>,
     fenced: Arc<AtomicBool>,
     backup_heard: Arc<Mutex<Instant>>,
@@ -650,7 +709,7 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
         info!("no backup: the VM runs unprotected until it is moved");
         None
     } else {
-        let first = open_link(&endpoint, &cfg, &map).await?;
+        let first = open_link(&endpoint, &cfg, &map, None).await?;
         info!("full sync starts");
         Some(first)
     };
@@ -711,9 +770,9 @@ async fn protect(
     let sync = sync_epochs(map.total(), cfg.sync_batch_pages);
     let journal = Journal::open(cfg.release_journal.as_deref()).map_err(PrimaryError::Dump)?;
     let shared = Shared {
+        book: Arc::new(Mutex::new(ResyncBook::new(map.total()))),
         map,
         gate,
-        sync,
         stop: guard.stop,
         fenced: guard.fenced,
         backup_heard: guard.backup_heard,
@@ -747,6 +806,13 @@ async fn protect(
         let moved = plan.as_ref().map(|p| (p.algorithm, Arc::clone(&p.record)));
         let (back, end, s) = match plan {
             Some(p) if p.algorithm.is_postcopy() => {
+                // Postcopy reads the dirty log on its own: the book no longer knows every
+                // change, so a later session is a full sync.
+                shared
+                    .book
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .session_ended(None);
                 crate::postcopy::move_vm(vm, l, cfg, &shared.map, &shared.gate, p).await
             }
             plan => session(vm, l, cfg, &shared, plan).await,
@@ -932,7 +998,7 @@ async fn unprotected(
         };
         let attempt = async {
             tokio::time::sleep(delay).await;
-            open_link(endpoint, cfg, &sh.map).await
+            open_link(endpoint, cfg, &sh.map, Some(&sh.book)).await
         };
         tokio::pin!(attempt);
         let outcome = loop {
@@ -966,7 +1032,7 @@ async fn unprotected(
                 }
                 info!(
                     unprotected_s = format!("{:.2}", since.elapsed().as_secs_f64()),
-                    attempts, "a backup accepted us again; re-protecting with a full sync"
+                    attempts, "a backup accepted us again; re-protecting"
                 );
                 return Ok(Some(link));
             }
@@ -1032,7 +1098,7 @@ async fn standalone(
         } else {
             Mode::Migrate
         };
-        let link = open_link_to(endpoint, cfg, &sh.map, (req.to, &req.to_name), mode).await;
+        let link = open_link_to(endpoint, cfg, &sh.map, (req.to, &req.to_name), mode, None).await;
         match link {
             Ok(link) => {
                 let now = Instant::now();
@@ -1148,11 +1214,51 @@ async fn session(
         tx,
         mut rx,
         version,
+        resume,
     } = link;
     let peer = conn.peer_name().to_string();
     cfg.status.set_state("syncing", None);
     cfg.status.update(|s| s.peer = Some(peer.clone()));
-    let sync = sh.sync;
+    // Tracking starts here: every page changed from now on is in the first consistent epoch,
+    // and every change before now is in the resync book.
+    let reset = match vm.take_dirty() {
+        Ok(d) => d,
+        Err(e) => return (vm, Err(e.into()), Default::default()),
+    };
+    let (plan_sync, base_tree) = {
+        let changed: Vec<u32> = reset.pages().filter_map(|g| sh.map.index_of(g)).collect();
+        let mut book = sh.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.changed(&changed);
+        match resume.and_then(|d| book.delta(&d)) {
+            Some(delta) => {
+                info!(
+                    pages = delta.pages.len(),
+                    of = sh.map.total(),
+                    since_clock = delta.base_clock,
+                    "delta resync: the backup kept an earlier image; sending only the pages changed since"
+                );
+                metrics::counter!("understudy_resyncs_total", "kind" => "delta").increment(1);
+                (SyncPlan::Delta(delta.pages), Some(delta.tree))
+            }
+            None => {
+                metrics::counter!("understudy_resyncs_total", "kind" => "full").increment(1);
+                (SyncPlan::Full, None)
+            }
+        }
+    };
+    if resume.is_some() && base_tree.is_none() {
+        // Cannot happen (the book only changes in sessions); a full sync needs a backup that
+        // starts from zeros, which a new connection without the resume offer gets.
+        conn.close(6, "unknown image: reconnecting for a full sync");
+        sh.book
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .session_ended(None);
+        let why = PrimaryError::Link("the backup's image could not be resumed".into());
+        return (vm, Ok(SessionEnd::Lost(why)), Default::default());
+    }
+    let sync = plan_sync.epochs(sh.map.total(), cfg.sync_batch_pages);
+    let delta = matches!(plan_sync, SyncPlan::Delta(_));
     let base = sh.gate.current_epoch().saturating_sub(1);
     if !moving {
         // A move needs no output commit: the source is the VM until the destination runs
@@ -1186,18 +1292,20 @@ async fn session(
     };
     let (cap_tx, cap_rx) = mpsc::channel::<Captured>(window);
     let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(window);
-    let encoder = EncoderState::new(
-        sh.map.total(),
-        EncoderConfig {
-            version,
-            ..EncoderConfig::default()
-        },
-    );
+    let enc_cfg = EncoderConfig {
+        version,
+        ..EncoderConfig::default()
+    };
+    let encoder = match base_tree {
+        Some(tree) => EncoderState::from_tree(tree, 0, enc_cfg),
+        None => EncoderState::new(sh.map.total(), enc_cfg),
+    };
     let threads = cfg.encode_threads.max(1);
     let enc_totals = Arc::clone(&sh.totals);
+    let enc_book = Arc::clone(&sh.book);
     let encoder_handle = match std::thread::Builder::new()
         .name("encoder".into())
-        .spawn(move || encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals))
+        .spawn(move || encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals, enc_book))
     {
         Ok(h) => h,
         Err(e) => {
@@ -1227,6 +1335,8 @@ async fn session(
         plan,
         in_flight: Arc::clone(&in_flight),
         last_acked: Arc::clone(&last_acked),
+        sync: plan_sync,
+        book: Arc::clone(&sh.book),
     };
     let capture = tokio::task::spawn_blocking(move || {
         let end = capture_loop(&mut vm, &ctl);
@@ -1275,7 +1385,12 @@ async fn session(
                 .insert(e.epoch, (e.captured_at, e.slot, e.pages));
             if e.epoch <= sync && e.epoch == last_sync_log {
                 last_sync_log = 0;
-                info!(epochs = sync, "full sync sent");
+                let what = if delta {
+                    "delta resync sent"
+                } else {
+                    "full sync sent"
+                };
+                info!(epochs = sync, wire_bytes = stats.wire_bytes, "{what}");
             }
         }
         Ok(())
@@ -1296,7 +1411,13 @@ async fn session(
         }
     };
     drop(halt);
-    let _ = encoder_handle.join();
+    // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
+    // state is not trusted: the next session is then a full sync).
+    let tree = encoder_handle.join().ok().and_then(Result::ok);
+    sh.book
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .session_ended(tree);
     let end = match end {
         Ok(end) => end,
         Err(e) => {

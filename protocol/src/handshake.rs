@@ -8,9 +8,12 @@
 //! ```
 //!
 //! Checks, in order: a common protocol version; the VM id; the mode; the layout (page count
-//! within limits, and equal to the held image's if the backup holds one); then resume: if the
-//! primary's `base` equals what the backup holds, the stream continues after it, otherwise the
-//! backup must reset its image to zeros and the primary sends everything (a full sync).
+//! within limits, and equal to the held image's if the backup holds one); then resume: a
+//! primary that sends a `base` offers to resume (the base is the newest image it sent); a
+//! backup that holds an image answers `resumed` with that image's epoch and digest, and the
+//! primary sends only what differs from it, or, if it does not know that image, closes and
+//! says hello again without a base. Without a base, or without a held image, the backup resets
+//! its image to zeros and the primary sends everything (a full sync).
 
 use crate::digest::PageTree;
 use crate::limits::Limits;
@@ -162,9 +165,7 @@ pub fn answer_hello(hello: &Hello, local: &LocalEnd) -> Message {
         }
     }
     let resume = match (&local.held, hello.base) {
-        (Some((layout, held)), Some(base)) if *layout == hello.layout && *held == base => {
-            Some(*held)
-        }
+        (Some((layout, held)), Some(_offer)) if *layout == hello.layout => Some(*held),
         _ => None,
     };
     Message::Welcome(match resume {

@@ -216,8 +216,9 @@ pub struct Hello {
     pub vm_id: String,
     /// Guest memory layout (fixes the page index space).
     pub layout: MemoryLayout,
-    /// The epoch and image digest the primary believes the backup already holds (its last
-    /// acknowledged epoch), if any: with it, the backup may resume instead of starting empty.
+    /// An offer to resume: the newest image the primary sent (its epoch in the primary's own
+    /// numbering, and its digest). With it, a backup that kept an image says which (`Welcome`
+    /// with `resumed`); without it, the backup starts empty.
     pub base: Option<EpochDigest>,
 }
 
@@ -226,10 +227,11 @@ pub struct Hello {
 pub struct Welcome {
     /// Protocol version both ends use from now on.
     pub version: u16,
-    /// `true`: the backup holds `Hello::base` and the stream continues after it. `false`: the
-    /// backup has reset its image to all zeros (epoch 0) and the primary starts a full sync.
+    /// `true`: the primary offered to resume and the backup kept the image named here; the
+    /// session's epochs (numbered from 1 again) apply on top of it. `false`: the backup has
+    /// reset its image to all zeros (epoch 0) and the primary starts a full sync.
     pub resumed: bool,
-    /// The epoch the backup's image is at (0 when not resumed).
+    /// The epoch the backup's image is at, in the numbering of its store (0 when not resumed).
     pub epoch: u64,
     /// The digest of the backup's image at `epoch`.
     pub digest: Digest,

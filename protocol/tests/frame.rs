@@ -328,25 +328,30 @@ fn handshake_checks_vm_layout_mode_and_resume() {
     assert!(!w.resumed);
     assert_eq!(w.digest, PageTree::zeroed(4096).digest());
 
-    // Resume when the base matches what is held; full sync otherwise.
+    // A primary that offers to resume (any base) learns what the backup holds; the primary
+    // decides whether it knows that image. Without the offer: a full sync.
     let held = EpochDigest {
         epoch: 41,
         digest: Digest([9; 32]),
     };
     end.held = Some((MemoryLayout::flat(4096), held));
     let mut h = hello_for(1, 2);
-    h.base = Some(held);
+    h.base = Some(EpochDigest {
+        epoch: 57,
+        digest: Digest([3; 32]),
+    });
     let Message::Welcome(w) = answer_hello(&h, &end) else {
         panic!()
     };
     assert!(w.resumed);
     assert_eq!((w.epoch, w.digest), (41, held.digest));
-    h.base = Some(EpochDigest { epoch: 40, ..held });
+    h.base = None;
     let Message::Welcome(w) = answer_hello(&h, &end) else {
         panic!()
     };
     assert!(!w.resumed);
     assert_eq!(w.epoch, 0);
+    h.base = Some(held);
     // A base with another layout than the held image: say which to fix.
     h.layout = MemoryLayout::flat(2048);
     let r = reject_of(answer_hello(&h, &end));
