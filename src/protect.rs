@@ -166,7 +166,8 @@ pub struct PrimaryArgs {
     metrics: Option<SocketAddr>,
     /// When the backup is lost: `continue` runs the guest on unprotected (console output is
     /// no longer held back) while reconnecting; `pause` pauses it until a backup is back.
-    /// Either way a reconnected backup gets a full sync.
+    /// Either way a reconnected backup gets a full sync, or only the pages changed since the
+    /// epoch it kept if it keeps its image on disk (`backup --image-dir`).
     #[arg(long, default_value = "continue", value_parser = parse_on_backup_loss)]
     on_backup_loss: understudy_primary::OnBackupLoss,
     /// How often to try to reach a lost backup again.
@@ -320,8 +321,9 @@ pub struct BackupArgs {
     once: bool,
     /// Keep the hot image and the committed VM state on disk in this directory,
     /// crash-consistently (a journal of committed epochs folded into an image file). A
-    /// restarted backup checks what it finds there and reports its epoch; the next session
-    /// still starts with a full sync (delta resync is not built yet).
+    /// restarted backup checks what it finds there and reports its epoch; the primary that
+    /// sent that image then sends only the pages changed since (delta resync), any other
+    /// primary a full sync.
     #[arg(long)]
     image_dir: Option<PathBuf>,
     /// With a Commit waiting for its chunks: how long no chunk at all may arrive before the
