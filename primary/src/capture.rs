@@ -82,8 +82,12 @@ impl PageMap {
     }
 }
 
-/// Staging buffers larger than this are freed after use rather than kept.
+/// Staging buffers up to this size are kept for epochs of ordinary size.
 const MAX_KEPT_STAGING: usize = 8192 * PAGE_SIZE;
+/// Larger buffers (sync batches, the batches of a move's live rounds) are kept only while
+/// large takes follow one another: the first take of ordinary size frees them, so that the
+/// steady state does not hold a sync's memory.
+const MAX_POOLED_STAGING: usize = 16384 * PAGE_SIZE;
 
 /// Reusable staging buffers for captured pages.
 ///
@@ -97,12 +101,13 @@ pub(crate) struct StagingPool(Arc<Mutex<Vec<Vec<u8>>>>);
 impl StagingPool {
     /// A buffer of at least `len` bytes; only growth beyond earlier epochs faults new pages.
     fn take(&self, len: usize) -> Staging {
-        let mut buf = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut buf = {
+            let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if len <= MAX_KEPT_STAGING {
+                pool.retain(|b| b.len() <= MAX_KEPT_STAGING);
+            }
+            pool.pop().unwrap_or_default()
+        };
         if buf.len() < len {
             buf.resize(len, 0);
         }
@@ -134,9 +139,9 @@ impl Drop for Staging {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
         let mut pool = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
-        // In-flight epochs bound how many buffers exist; keep a few spare, free the rest, and
-        // do not keep the full sync's big batches around.
-        if pool.len() < 4 && buf.len() <= MAX_KEPT_STAGING {
+        // In-flight epochs bound how many buffers exist; keep a few spare, free the rest (big
+        // ones go at the next take of ordinary size, see `take`).
+        if pool.len() < 4 && buf.len() <= MAX_POOLED_STAGING {
             pool.push(buf);
         }
     }
@@ -466,37 +471,56 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     }
 }
 
-/// Ships, while the guest runs, the pages it dirtied since the last read (one epoch without
-/// VM state; the guest is never paused). Returns the page count.
+/// Ships, while the guest runs, the pages it dirtied since the last read (epochs without VM
+/// state; the guest is never paused). A large dirty set goes out in batches of the sync's size,
+/// each its own epoch, so that reading, encoding, sending and applying overlap and staging
+/// memory stays bounded. Returns the page count.
 fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, PrimaryError> {
-    let slot = take_slot_or_fence(vm, ctl)?;
+    let mut slot = Some(take_slot_or_fence(vm, ctl)?);
     let t0 = Instant::now();
     let dirty = vm.take_dirty()?;
     let count = dirty.count();
-    let mut indices = Vec::with_capacity(count);
-    let mut pages = ctl.staging.take(count * PAGE_SIZE);
-    for (gpa, buf) in dirty
+    let all: Vec<(u64, u32)> = dirty
         .pages()
-        .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
-    {
-        indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
-        vm.memory().read(gpa, buf)?;
-    }
+        .map(|gpa| {
+            let i = ctl.map.index_of(gpa).expect("dirty page inside the layout");
+            (gpa, i)
+        })
+        .collect();
+    let indices: Vec<u32> = all.iter().map(|&(_, i)| i).collect();
     let clock = note_changed(ctl, &indices);
-    *epoch += 1;
-    send(
-        ctl,
-        Captured {
-            epoch: *epoch,
-            indices,
-            pages,
-            state: Vec::new(),
-            zeroes: false,
-            clock,
-            captured_at: t0,
-            slot,
-        },
-    )?;
+    let batch = ctl.sync_batch.max(1) as usize;
+    let mut batches = all.chunks(batch).peekable();
+    // An empty round is still one (empty) epoch: the caller waits for its Ack.
+    let empty: &[(u64, u32)] = &[];
+    let first = batches.peek().is_none().then_some(empty);
+    for part in first.into_iter().chain(batches) {
+        let slot = match slot.take() {
+            Some(s) => s,
+            None => take_slot_or_fence(vm, ctl)?,
+        };
+        let mut pages = ctl.staging.take(part.len() * PAGE_SIZE);
+        for (&(gpa, _), buf) in part
+            .iter()
+            .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
+        {
+            vm.memory().read(gpa, buf)?;
+        }
+        *epoch += 1;
+        send(
+            ctl,
+            Captured {
+                epoch: *epoch,
+                indices: part.iter().map(|&(_, i)| i).collect(),
+                pages,
+                state: Vec::new(),
+                zeroes: false,
+                clock,
+                captured_at: t0,
+                slot,
+            },
+        )?;
+    }
     Ok(count as u64)
 }
 
