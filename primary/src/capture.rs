@@ -609,7 +609,8 @@ fn live_rounds(
         Algorithm::QuickEviction => {
             let q = plan.quick;
             let mut dirty_rate = Ewma::default();
-            let mut last_take = Instant::now();
+            // The first snapshot holds everything dirtied since tracking began (before the sync).
+            let mut last_take = started;
             let mut interval = q.min_interval;
             let mut warned = false;
             loop {
