@@ -124,6 +124,13 @@ pub struct PrimaryArgs {
     tls: TlsArgs,
     #[command(flatten)]
     guest: GuestArgs,
+    /// Boot this multiboot v1 image instead of a built-in workload (as QEMU's -kernel), e.g.
+    /// the reference guest of the QEMU anchors, so that both run the same guest.
+    #[arg(long)]
+    guest_image: Option<PathBuf>,
+    /// Kernel command line for --guest-image.
+    #[arg(long, default_value = "", requires = "guest_image")]
+    cmdline: String,
     /// Epoch length (checkpoint interval), 1ms..=10s.
     #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
     epoch: Duration,
@@ -232,8 +239,22 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
     if standalone && args.admin.is_none() {
         bail!("without --backup the VM runs unprotected and can only be moved through the admin endpoint: give --admin ADDR (or --backup ADDR to protect it)");
     }
+    let guest_image = match &args.guest_image {
+        None => None,
+        Some(path) => Some(understudy_primary::GuestImage {
+            name: path.display().to_string(),
+            image: std::fs::read(path).with_context(|| {
+                format!(
+                    "reading the guest image {} (a multiboot v1 kernel)",
+                    path.display()
+                )
+            })?,
+            cmdline: args.cmdline.clone(),
+        }),
+    };
     let cfg = PrimaryConfig {
         vm_id: args.vm_id,
+        guest_image,
         backup: args
             .backup
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -371,6 +392,7 @@ fn reprotect_config(
         tls: args.tls.files("backup"),
         // The VM already runs: guest, layout and vCPUs come from it.
         workload: understudy_vmm::guests::Workload::Idle(Default::default()),
+        guest_image: None,
         regions: Vec::new(),
         vcpus: 1,
         epoch: args.protect_epoch,

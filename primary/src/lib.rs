@@ -44,6 +44,15 @@ pub const DEFAULT_EPOCH: Duration = Duration::from_millis(25);
 /// Default bound on epochs between capture and `Ack`.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
 
+/// A multiboot v1 kernel and its command line (as QEMU's `-kernel` / `-append`).
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// Where it came from (for logs).
+    pub name: String,
+    pub image: Vec<u8>,
+    pub cmdline: String,
+}
+
 /// Everything the primary needs.
 pub struct PrimaryConfig {
     /// Identifies the VM to the backup.
@@ -56,6 +65,8 @@ pub struct PrimaryConfig {
     pub tls: TlsFiles,
     /// The guest.
     pub workload: Workload,
+    /// A multiboot v1 image to boot instead of `workload`.
+    pub guest_image: Option<GuestImage>,
     /// Guest memory layout.
     pub regions: Vec<RegionSpec>,
     /// vCPUs.

@@ -691,17 +691,26 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
         dirty_logging: true,
     };
     let workload = cfg.workload.clone();
+    let image = cfg.guest_image.clone();
     let gate_for_vm = Arc::clone(&gate);
-    let vm = tokio::task::spawn_blocking(move || {
-        Vm::boot(&vm_config, Boot::Workload(&workload), gate_for_vm)
+    let vm = tokio::task::spawn_blocking(move || match &image {
+        Some(g) => Vm::boot(
+            &vm_config,
+            Boot::Multiboot {
+                image: &g.image,
+                cmdline: &g.cmdline,
+            },
+            gate_for_vm,
+        ),
+        None => Vm::boot(&vm_config, Boot::Workload(&workload), gate_for_vm),
     })
     .await
     .map_err(|e| PrimaryError::Link(e.to_string()))??;
-    info!(
-        workload = cfg.workload.name(),
-        pages = map.total(),
-        "guest running"
-    );
+    let guest = cfg
+        .guest_image
+        .as_ref()
+        .map_or(cfg.workload.name().to_string(), |g| g.name.clone());
+    info!(guest = %guest, pages = map.total(), "guest running");
     // The first backup must be there: a primary that starts unprotected by mistake is worse
     // than one that says so and exits. The guest boots first, so that the session's clocks
     // (heartbeats, the backup's failure detection) do not run through the boot.

@@ -7,12 +7,10 @@
 //! longest gap between two of its 1 ms ticks: the stall the guest itself saw.
 //!
 //! Per rate, in this order:
-//! 1. **Ours**, per algorithm: a real `understudy backup --once` is the destination (this
-//!    executable, a separate process). The source is hosted in this process: `understudy
-//!    primary` boots only built-in workloads, so the bench boots the image itself
-//!    (`Boot::Multiboot`, dirty logging on, as the primary boots) and hands the running VM to
-//!    the primary's own `protect_running` without a backup (`standalone`), with an admin
-//!    endpoint, i.e. what `understudy primary --admin ..` without `--backup` runs. After
+//! 1. **Ours**, per algorithm: a real `understudy backup --once` is the destination and
+//!    `understudy primary --admin .. --guest-image IMG --cmdline ..` without `--backup` the
+//!    source (this executable, separate processes): the source boots the reference guest and
+//!    runs it until it is moved. After
 //!    `--warm` s of workload, `understudy migrate --admin .. --algorithm A --to .. --json`
 //!    (a separate process) moves it; an algorithm whose `migrate` only starts the move (quick
 //!    eviction) gets `understudy evict --admin .. --json` once `--snapshots-for` s of background
@@ -44,7 +42,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,12 +49,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use understudy_primary::{protect_running, Guard, PrimaryConfig, PrimaryError, Succession};
-use understudy_protocol::Successor;
-use understudy_transport::TlsFiles;
 use understudy_vmm::guests::parse_size_in;
-use understudy_vmm::memory::{split_regions, MAX_MEMORY, MIN_MEMORY};
-use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, PAGE_SIZE};
+use understudy_vmm::memory::{MAX_MEMORY, MIN_MEMORY};
 
 /// The primary's default pages per full-sync epoch (`--sync-batch`).
 const SYNC_BATCH: u32 = 16384;
@@ -499,103 +492,49 @@ fn save(dir: Option<&Path>, name: &str, text: &str) {
 struct Setup {
     memory: u64,
     cmdline_of: Box<dyn Fn(u64) -> String>,
-    image: Vec<u8>,
+    /// The reference guest (checked readable before the runs).
+    image_path: PathBuf,
     certs: PathBuf,
     /// Holds the `qemu-system-x86_64` wrapper (see `--qemu-cpu`).
     wrapper_dir: PathBuf,
     args: MigrateBenchArgs,
 }
 
-/// The source: the reference guest booted here and handed to the primary without a backup,
-/// with an admin endpoint. Returns when the VM has moved away (or `stop` is set).
-fn host_source(
-    s: &Setup,
-    rate: u64,
-    admin: SocketAddr,
-    console: Text,
-    status: understudy_primary::status::StatusBoard,
-    stop: Arc<AtomicBool>,
-) -> Result<JoinHandle<Result<()>>> {
-    let regions = split_regions(s.memory, 1);
-    let image = s.image.clone();
+/// The source: `understudy primary` without a backup (it runs the VM until it is moved), booting
+/// the reference guest with `--guest-image`, with an admin endpoint for `migrate` and `evict`.
+fn spawn_source(s: &Setup, rate: u64, admin: SocketAddr) -> Result<Proc> {
+    let certs = s.certs.display().to_string();
+    let admin = admin.to_string();
+    let image = s.image_path.display().to_string();
     let cmdline = (s.cmdline_of)(rate);
-    let migration = understudy_primary::status::Migration::new();
-    let switchover = understudy_primary::status::Switchover::new();
-    let admin_state = crate::admin::Admin {
-        status: status.clone(),
-        switchover: Some(Arc::clone(&switchover)),
-        migration: Some(Arc::clone(&migration)),
-    };
-    let cfg = PrimaryConfig {
-        vm_id: "vm-1".into(),
-        backup: SocketAddr::from(([127, 0, 0, 1], 0)),
-        backup_name: "backup".into(),
-        tls: TlsFiles::in_dir(&s.certs, "primary"),
-        // Not used by `protect_running`: the VM already runs.
-        workload: understudy_vmm::guests::Workload::Idle(Default::default()),
-        regions: regions.clone(),
-        vcpus: 1,
-        epoch: understudy_primary::DEFAULT_EPOCH,
-        max_in_flight: understudy_primary::DEFAULT_MAX_IN_FLIGHT,
-        encode_threads: 2,
-        sync_batch_pages: SYNC_BATCH,
-        console: Box::new(std::io::sink()),
-        release_journal: None,
-        stop_after_epochs: 0,
-        dump_dir: None,
-        progress_bar: false,
-        heartbeat_interval: Duration::from_millis(50),
-        failure_timeout: Duration::from_millis(s.args.failure_timeout_ms),
-        witness: None,
-        lease_ttl: Duration::from_millis(300),
-        kill_at: None,
-        on_backup_loss: understudy_primary::OnBackupLoss::Continue,
-        reconnect_interval: Duration::from_secs(1),
-        versions: None,
-        status,
-        switchover,
-        standalone: true,
-        migration,
-    };
-    let rt = crate::protect::runtime()?;
-    Ok(std::thread::spawn(move || {
-        rt.block_on(async move {
-            crate::admin::serve(admin, admin_state).await?;
-            let gate = OutputGate::gated(Box::new(console), 1);
-            let vm_config = VmConfig {
-                regions,
-                vcpus: 1,
-                dirty_logging: true,
-            };
-            let g = Arc::clone(&gate);
-            let vm = tokio::task::spawn_blocking(move || {
-                Vm::boot(
-                    &vm_config,
-                    Boot::Multiboot {
-                        image: &image,
-                        cmdline: &cmdline,
-                    },
-                    g,
-                )
-            })
-            .await??;
-            let guard = Guard {
-                stop,
-                fenced: Arc::new(AtomicBool::new(false)),
-                backup_heard: Arc::new(Mutex::new(Instant::now())),
-                succession: Succession::new(Successor::Only("backup".into()), false),
-            };
-            match protect_running(vm, gate, &cfg, guard).await {
-                Err(PrimaryError::Moved(_)) => {
-                    // The report goes to whoever asked for the move.
-                    crate::admin::drain(Duration::from_secs(5)).await;
-                    Ok(())
-                }
-                Err(e) => Err(e.into()),
-                Ok(_) => Ok(()),
-            }
-        })
-    }))
+    let memory = format!("{}M", s.memory >> 20);
+    let ft = format!("{}ms", s.args.failure_timeout_ms);
+    let batch = SYNC_BATCH.to_string();
+    Proc::spawn(&[
+        "primary",
+        "--certs",
+        &certs,
+        "--admin",
+        &admin,
+        "--guest-image",
+        &image,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        &memory,
+        "--failure-timeout",
+        &ft,
+        "--heartbeat-interval",
+        "50ms",
+        "--encode-threads",
+        "2",
+        "--sync-batch",
+        &batch,
+        // Long enough for `migrate` / `evict` to fetch the report; the bench waits for the
+        // report line and then stops the process itself.
+        "--linger-after-move",
+        "5s",
+    ])
 }
 
 fn ours(s: &Setup, rate: u64, algorithm: &str, keep: Option<&Path>) -> Row {
@@ -607,20 +546,20 @@ fn ours(s: &Setup, rate: u64, algorithm: &str, keep: Option<&Path>) -> Row {
         ..Row::default()
     };
     let tag = format!("ours-{algorithm}-r{rate}");
-    let src_console = Text::default();
+    let mut src = None;
     let mut dst = None;
-    let r = ours_inner(s, rate, algorithm, &mut row, &src_console, &mut dst);
+    let r = ours_inner(s, rate, algorithm, &mut row, &mut src, &mut dst);
     if let Err(e) = r {
         row.ok = false;
         row.note = format!("{e:#}");
     }
-    if let Some(mut d) = dst {
-        d.stop(Duration::from_secs(5));
-        let dst_console = d.out.get();
-        save(keep, &format!("{tag}-dst.log"), &d.err.get());
-        save(keep, &format!("{tag}-dst.console"), &dst_console);
+    for (side, p) in [("src", src), ("dst", dst)] {
+        if let Some(mut p) = p {
+            p.stop(Duration::from_secs(5));
+            save(keep, &format!("{tag}-{side}.log"), &p.err.get());
+            save(keep, &format!("{tag}-{side}.console"), &p.out.get());
+        }
     }
-    save(keep, &format!("{tag}-src.console"), &src_console.get());
     row
 }
 
@@ -629,7 +568,7 @@ fn ours_inner(
     rate: u64,
     algorithm: &str,
     row: &mut Row,
-    src_console: &Text,
+    src_slot: &mut Option<Proc>,
     dst_slot: &mut Option<Proc>,
 ) -> Result<()> {
     let timeout = Duration::from_secs_f64(s.args.timeout);
@@ -652,27 +591,8 @@ fn ours_inner(
         "the destination",
     )?;
     let admin = free_tcp()?;
-    let status = understudy_primary::status::StatusBoard::new("primary", "vm-1");
-    let stop = Arc::new(AtomicBool::new(false));
-    let source = host_source(
-        s,
-        rate,
-        admin,
-        src_console.clone(),
-        status.clone(),
-        Arc::clone(&stop),
-    )?;
-    // Whatever happens below, the source ends before this returns.
-    struct StopOnDrop(Arc<AtomicBool>, Option<JoinHandle<Result<()>>>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-            if let Some(h) = self.1.take() {
-                let _ = h.join();
-            }
-        }
-    }
-    let mut source = StopOnDrop(stop, Some(source));
+    let src = src_slot.insert(spawn_source(s, rate, admin)?);
+    let src_console = src.out.clone();
     src_console.wait_for("READY", Duration::from_secs(120), "the guest")?;
     std::thread::sleep(Duration::from_secs_f64(s.args.warm));
     let before = md_lines(&src_console.get()).len();
@@ -692,14 +612,8 @@ fn ours_inner(
         Ok(v) => v,
         Err(_) if ok => {
             // The move started in the background (quick eviction): snapshots until told.
-            let sync = (s.memory / PAGE_SIZE).div_ceil(u64::from(SYNC_BATCH));
-            let t = Instant::now();
-            while status.get().last_epoch <= sync {
-                if t.elapsed() > timeout {
-                    bail!("the full sync was not acknowledged within {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            src.err
+                .wait_for("full sync sent", timeout, "the source's full sync")?;
             std::thread::sleep(Duration::from_secs_f64(s.args.snapshots_for));
             let (_, out, err) = run_self(&["evict", "--admin", &admin_s, "--json"])?;
             serde_json::from_str(&out).with_context(|| format!("evict said: {out}{err}"))?
@@ -727,18 +641,12 @@ fn ours_inner(
         row.note = format!("{}; {}", report["message"], row.note);
         return Ok(());
     }
-    // The source lets go of the VM once the destination runs it.
-    let h = source.1.take().context("source")?;
-    let t = Instant::now();
-    while !h.is_finished() && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if !h.is_finished() {
-        source.1 = Some(h);
-        bail!("the source still holds the VM 30 s after the move's report");
-    }
-    h.join()
-        .map_err(|_| anyhow::anyhow!("the source thread panicked"))??;
+    // The source lets go of the VM once the destination runs it, then logs the report.
+    src.err.wait_for(
+        "move report",
+        Duration::from_secs(30),
+        "the source's move report",
+    )?;
     std::thread::sleep(Duration::from_secs_f64(s.args.after));
     row.seen = guest_seen(
         &src_console.get(),
@@ -917,7 +825,7 @@ pub fn run(args: MigrateBenchArgs) -> Result<i32> {
         .guest_image
         .clone()
         .unwrap_or_else(|| anchor_work().join("bare/bare64.elf"));
-    let image = std::fs::read(&image_path).with_context(|| {
+    std::fs::metadata(&image_path).with_context(|| {
         format!(
             "reading the reference guest {}; build it with {}/setup.sh",
             image_path.display(),
@@ -951,7 +859,7 @@ pub fn run(args: MigrateBenchArgs) -> Result<i32> {
         memory,
         // As migrate.py's guest_args: the same command line for both systems.
         cmdline_of: Box::new(move |rate| format!("mib={mib} rate={rate} tsc_mhz=2600 mode=word")),
-        image,
+        image_path: image_path.clone(),
         certs,
         wrapper_dir,
         args,
