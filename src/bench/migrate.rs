@@ -537,6 +537,8 @@ fn host_source(
         encode_threads: 2,
         sync_batch_pages: SYNC_BATCH,
         console: Box::new(std::io::sink()),
+        console_file: None,
+        no_release_echo: false,
         release_journal: None,
         stop_after_epochs: 0,
         dump_dir: None,
