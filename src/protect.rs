@@ -175,6 +175,7 @@ pub struct PrimaryArgs {
     /// stream (pwrite; never truncated). Give the backup the same file (shared storage): what
     /// both write lands once, so the file holds every byte exactly once, across a failover
     /// too. stdout still shows the console, where a failover may repeat an epoch's output.
+    /// Give each new VM a new file: one that held a longer console keeps its tail.
     #[arg(long)]
     console_file: Option<PathBuf>,
     /// Serve Prometheus metrics: a port (on 127.0.0.1) or HOST:PORT, e.g. 9100.
