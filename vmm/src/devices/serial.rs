@@ -533,6 +533,20 @@ mod tests {
     }
 
     #[test]
+    fn a_console_file_that_cannot_be_written_does_not_stop_the_console() {
+        let out = Shared::default();
+        let gate = OutputGate::gated(Box::new(out.clone()), 1);
+        let full = ConsoleFile::open(Path::new("/dev/full")).unwrap();
+        let e = full.write_at(0, b"x").unwrap_err().to_string();
+        assert!(e.contains("/dev/full") && e.contains("free space"), "{e}");
+        gate.attach_file(full);
+        gate.write(b"tick 1\n");
+        gate.seal();
+        assert_eq!(gate.release(1).unwrap(), 7);
+        assert_eq!(&*out.0.lock().unwrap(), b"tick 1\n");
+    }
+
+    #[test]
     fn a_console_file_that_cannot_be_opened_names_its_path() {
         let e = ConsoleFile::open(Path::new("/nonexistent-dir/console")).unwrap_err();
         let text = e.to_string();
