@@ -187,6 +187,9 @@ fn a_console_file_holds_output_repeated_by_a_promotion_once() {
     certs(&c, &["primary", "backup", "witness"]);
     let c = c.display().to_string();
     let console = d.join("console");
+    // What is under test is the output after the kill, not how fast the kill is detected:
+    // timeouts with slack keep a busy machine from failing the primary during its full sync.
+    let slack = ["--failure-timeout", "2s", "--lease-ttl", "1s"];
     let (wp, bp) = (free_port(), free_port());
     let w = format!("127.0.0.1:{wp}");
     let witness = Proc::spawn(
@@ -216,7 +219,10 @@ fn a_console_file_holds_output_repeated_by_a_promotion_once() {
             "--witness",
             &w,
             "--once",
-        ]),
+        ])
+        .into_iter()
+        .chain(s(&slack))
+        .collect::<Vec<_>>(),
     );
     backup.wait_for("backup listening", Duration::from_secs(10));
     let mut primary = Proc::spawn(
@@ -237,7 +243,10 @@ fn a_console_file_holds_output_repeated_by_a_promotion_once() {
             "--console-file",
             console.to_str().unwrap(),
             "--no-release-echo",
-        ]),
+        ])
+        .into_iter()
+        .chain(s(&slack))
+        .collect::<Vec<_>>(),
     );
     primary.wait_for("PROTECTED: the backup committed", Duration::from_secs(60));
     // A few ticks from consistent epochs (the backup keeps their output; the full sync's is
