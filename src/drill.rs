@@ -2,9 +2,13 @@
 //!
 //! Each run starts a witness, a backup and a primary (ledger guest) as separate `understudy`
 //! processes on loopback, kills the primary with SIGKILL at a chosen phase of an epoch (or at a
-//! random moment), waits for the backup to promote, and checks what an outside observer saw:
-//! the primary's released console followed by the promoted VM's console must hold every
-//! `tick N` exactly once, in order, and never `CORRUPT`.
+//! random moment), waits for the backup to promote, and checks what an outside observer saw.
+//! Both write one console file (`--console-file`, each byte at its offset in the VM's console
+//! stream); the verdict comes from that file: it must hold every `tick N` exactly once, in
+//! order, with no hole and never `CORRUPT`, and the promoted VM must have printed on. The
+//! stdout streams (the primary's released console, then the promoted VM's) are still read for
+//! the report: where they repeat an epoch's output (a kill after a release whose Ack had not
+//! reached the backup yet, see docs/ARCHITECTURE.md), the report says so as `stdout_note`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -71,6 +75,33 @@ pub struct DrillReport {
     /// Guest work lost: ticks the primary's guest had made (printed or not) after the
     /// resumed state; bounded by the epochs in flight.
     pub rolled_back_epochs: Option<u64>,
+    /// Ticks in the console file (the exactly-once record both nodes wrote).
+    pub console_file_ticks: Option<u64>,
+    /// What the two stdout streams alone show wrong, if anything (not a failure: the console
+    /// file decides).
+    pub stdout_note: Option<String>,
+}
+
+impl DrillReport {
+    /// A drill that could not be run to the end.
+    pub fn failed(run: u32, phase: &str, failure: String) -> Self {
+        DrillReport {
+            run,
+            kill_at: phase.to_string(),
+            passed: false,
+            failure: Some(failure),
+            detection_ms: None,
+            promotion_ms: None,
+            lease_wait_ms: None,
+            rto_ms: None,
+            promoted_epoch: None,
+            last_tick_primary: None,
+            first_tick_backup: None,
+            rolled_back_epochs: None,
+            console_file_ticks: None,
+            stdout_note: None,
+        }
+    }
 }
 
 pub(crate) const PHASES: [&str; 4] = ["capture", "send", "commit", "ack"];
@@ -195,6 +226,9 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
         Duration::from_secs(10),
     )?;
     let backup_addr = format!("127.0.0.1:{bp}");
+    // One console file for both nodes, as shared storage would be.
+    let console_file = dir.join(CONSOLE_FILE);
+    let cf = console_file.display().to_string();
     let _backup = spawn(
         dir,
         "backup",
@@ -207,6 +241,8 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
             "--witness",
             &witness_addr,
             "--once",
+            "--console-file",
+            &cf,
         ]),
     )?;
     wait_for(
@@ -227,6 +263,8 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
         "ledger",
         "--memory",
         &args.memory,
+        "--console-file",
+        &cf,
     ]);
     let warm_epochs = (args.warmup * 40.0) as u64; // 25 ms epochs
     if phase != "random" {
@@ -263,24 +301,14 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
         }
     };
     let promoted = wait_for(dir, "backup.err", "promoted:", Duration::from_secs(30));
-    let mut report = DrillReport {
-        run,
-        kill_at: phase.to_string(),
-        passed: false,
-        failure: None,
-        detection_ms: None,
-        promotion_ms: None,
-        lease_wait_ms: None,
-        rto_ms: None,
-        promoted_epoch: None,
-        last_tick_primary: None,
-        first_tick_backup: None,
-        rolled_back_epochs: None,
-    };
     if let Err(e) = promoted {
-        report.failure = Some(format!("no promotion: {e}"));
-        return Ok(report);
+        return Ok(DrillReport::failed(
+            run,
+            phase,
+            format!("no promotion: {e}"),
+        ));
     }
+    let mut report = DrillReport::failed(run, phase, String::new());
     std::thread::sleep(Duration::from_secs_f64(args.after));
     let blog = read(dir, "backup.err");
     report.rto_ms = killed_unix_ns
@@ -303,9 +331,35 @@ pub(crate) fn one(args: &DrillArgs, run: u32, phase: &str, dir: &Path) -> Result
     report.rolled_back_epochs = captured
         .zip(report.promoted_epoch)
         .map(|(c, p)| c.saturating_sub(p));
-    report.failure = ledger_failure(&before, &after);
+    report.stdout_note = ledger_failure(&before, &after);
+    let file = std::fs::read(&console_file)
+        .with_context(|| format!("reading the console file {}", console_file.display()))?;
+    report.console_file_ticks = Some(ledger_ticks(&String::from_utf8_lossy(&file)).len() as u64);
+    report.failure = console_file_failure(&file, tb.len());
     report.passed = report.failure.is_none();
     Ok(report)
+}
+
+/// The console file of a drill, in its directory.
+pub(crate) const CONSOLE_FILE: &str = "console.file";
+
+/// What is wrong with a console file both nodes wrote by offset: `None` when it has no hole
+/// (a NUL: bytes never written), nothing says `CORRUPT`, the promoted VM printed at least 3
+/// ticks (`printed_after`, from its stdout) and every `tick N` is there exactly once and in
+/// order from 1.
+pub(crate) fn console_file_failure(file: &[u8], printed_after: usize) -> Option<String> {
+    let text = String::from_utf8_lossy(file);
+    if let Some(hole) = file.iter().position(|&b| b == 0) {
+        Some(format!(
+            "the console file has a hole at offset {hole} (output lost)"
+        ))
+    } else if text.contains("CORRUPT") {
+        Some("the ledger reported CORRUPT".into())
+    } else if printed_after < 3 {
+        Some(format!("the promoted VM printed {printed_after} ticks"))
+    } else {
+        ticks_failure(&ledger_ticks(&text)).map(|f| format!("console file: {f}"))
+    }
 }
 
 /// What an outside observer saw wrong in the ledger: `before` is the old primary's released
@@ -370,25 +424,13 @@ pub fn run(args: DrillArgs) -> Result<i32> {
             }
             None => tmp.path().to_path_buf(),
         };
-        let r = one(&args, run, &phase, &dir).unwrap_or_else(|e| DrillReport {
-            run,
-            kill_at: phase.clone(),
-            passed: false,
-            failure: Some(format!("{e:#}")),
-            detection_ms: None,
-            promotion_ms: None,
-            lease_wait_ms: None,
-            rto_ms: None,
-            promoted_epoch: None,
-            last_tick_primary: None,
-            first_tick_backup: None,
-            rolled_back_epochs: None,
-        });
+        let r = one(&args, run, &phase, &dir)
+            .unwrap_or_else(|e| DrillReport::failed(run, &phase, format!("{e:#}")));
         if !args.json {
             let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
             eprintln!(
                 "drill {run}/{}: kill at {:<7} {}  detection {} ms  promotion {} ms  RTO {} ms  \
-                 resumed epoch {}  ticks ..{} | {}..  {}",
+                 resumed epoch {}  stdout ticks ..{} | {}..  console file {} ticks  {}{}",
                 args.repeat,
                 r.kill_at,
                 if r.passed { "PASS" } else { "FAIL" },
@@ -398,7 +440,11 @@ pub fn run(args: DrillArgs) -> Result<i32> {
                 r.promoted_epoch.map_or("-".into(), |e| e.to_string()),
                 r.last_tick_primary.map_or("-".into(), |e| e.to_string()),
                 r.first_tick_backup.map_or("-".into(), |e| e.to_string()),
-                r.failure.as_deref().unwrap_or("")
+                r.console_file_ticks.map_or("-".into(), |e| e.to_string()),
+                r.failure.as_deref().unwrap_or(""),
+                r.stdout_note
+                    .as_deref()
+                    .map_or(String::new(), |n| format!("(stdout alone: {n})")),
             );
         }
         metrics::counter!("understudy_drills_total").increment(1);
@@ -444,5 +490,20 @@ mod tests {
             t / 1e9
         );
         assert_eq!(log_time("garbage"), None);
+    }
+
+    #[test]
+    fn the_console_file_verdict() {
+        let ok = b"ledger pages=1\ntick 1 ok\ntick 2 ok\ntick 3 ok\ntick 4";
+        assert_eq!(console_file_failure(ok, 3), None);
+        assert!(console_file_failure(ok, 2).unwrap().contains("printed 2"));
+        let hole = b"tick 1 ok\n\0\0\0\0\0\0\0\0\0\0tick 3 ok\n";
+        assert!(console_file_failure(hole, 3)
+            .unwrap()
+            .contains("hole at offset 10"));
+        let repeat = b"tick 1 ok\ntick 2 ok\ntick 2 ok\ntick 3 ok\n";
+        assert!(console_file_failure(repeat, 3)
+            .unwrap()
+            .contains("tick 2 followed by 2"));
     }
 }

@@ -97,6 +97,12 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// `--console-file`: opened now, so that a path that cannot be written stops the command
+/// before the guest starts.
+pub fn console_file(path: Option<&std::path::Path>) -> Result<Option<understudy_vmm::ConsoleFile>> {
+    Ok(path.map(understudy_vmm::ConsoleFile::open).transpose()?)
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,6 +174,17 @@ pub struct PrimaryArgs {
     /// Test knob: append a JSON line per console release (epoch, bytes, unix_ns) to this file.
     #[arg(long, hide = true)]
     release_journal: Option<PathBuf>,
+    /// Test knob: never tell the backup that an epoch's output was released, so that a
+    /// promoted backup emits output this primary already released.
+    #[arg(long, hide = true)]
+    no_release_echo: bool,
+    /// Also write the console into this file, each byte at its offset in the VM's console
+    /// stream (pwrite; never truncated). Give the backup the same file (shared storage): what
+    /// both write lands once, so the file holds every byte exactly once, across a failover
+    /// too. stdout still shows the console, where a failover may repeat an epoch's output.
+    /// Give each new VM a new file: one that held a longer console keeps its tail.
+    #[arg(long)]
+    console_file: Option<PathBuf>,
     /// Serve Prometheus metrics: a port (on 127.0.0.1) or HOST:PORT, e.g. 9100.
     #[arg(long, value_parser = crate::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
@@ -268,6 +285,8 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         encode_threads: args.encode_threads as usize,
         sync_batch_pages: args.sync_batch,
         console: Box::new(std::io::stdout()),
+        console_file: console_file(args.console_file.as_deref())?,
+        no_release_echo: args.no_release_echo,
         release_journal: args.release_journal,
         stop_after_epochs: args.epochs,
         dump_dir: args.dump_dir,
@@ -377,6 +396,11 @@ pub struct BackupArgs {
     /// Plain HTTP: bind it to loopback or a management network.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// After a promotion, also write the console into this file at each byte's offset in the
+    /// VM's console stream: give it the primary's --console-file (shared storage), and output
+    /// the primary released and this backup emits again lands once.
+    #[arg(long)]
+    console_file: Option<PathBuf>,
 }
 
 /// What a promoted backup needs to protect its VM with a new backup.
@@ -400,6 +424,9 @@ fn reprotect_config(
         encode_threads: 2,
         sync_batch_pages: 16384,
         console: Box::new(std::io::sink()),
+        // The promoted VM's gate already writes the console file.
+        console_file: None,
+        no_release_echo: false,
         release_journal: None,
         stop_after_epochs: 0,
         dump_dir: None,
@@ -459,6 +486,7 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         lease_ttl: args.failover.lease_ttl,
         protect_to: std::sync::Mutex::new(protect_to),
         status,
+        console_file: console_file(args.console_file.as_deref())?,
     };
     runtime()?.block_on(async move {
         if let Some((addr, admin)) = admin {

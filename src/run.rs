@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Track dirty pages while running (costs the guest ~23 us per first write to a page).
     #[arg(long)]
     dirty_logging: bool,
+    /// Also write the console into this file, each byte at its offset in the VM's console
+    /// stream (pwrite; never truncated; a restored VM continues at its state's offset).
+    #[arg(long)]
+    console_file: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<i32> {
@@ -49,6 +53,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
             .context("installing the Ctrl-C handler")?;
     }
     let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
+    if let Some(file) = crate::protect::console_file(args.console_file.as_deref())? {
+        gate.attach_file(file);
+    }
     let started = Instant::now();
     let vm = if let Some(path) = &args.restore_state {
         let blob = std::fs::read(path)

@@ -90,7 +90,11 @@ async fn win_lease(
     None
 }
 
-fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64), String> {
+fn promote(
+    held: &Held,
+    gate: Arc<OutputGate>,
+    dirty_logging: bool,
+) -> Result<(Vm, Arc<OutputGate>, u64), String> {
     let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
     if !h.promotable() {
         return Err(format!(
@@ -100,7 +104,6 @@ fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64
     }
     let (epoch, blob) = h.state.clone().expect("promotable implies a state");
     let state = VmState::decode(&blob, DEFAULT_STATE_LIMIT).map_err(|e| e.to_string())?;
-    let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
     // The VM made ahead of time over the hot image (the usual case), or a new one.
     let vm = match h.prepared.take() {
         Some(p) if p.fits(&state) => p.restore(&state, Arc::clone(&gate), false),
@@ -119,8 +122,8 @@ fn promote(held: &Held, dirty_logging: bool) -> Result<(Vm, Arc<OutputGate>, u64
 pub(crate) struct Takeover {
     /// The hot image and the last committed state.
     pub held: Held,
-    /// Committed output the old primary never said it released.
-    pub unreleased: Vec<u8>,
+    /// Committed output the old primary never said it released, epoch by epoch.
+    pub unreleased: Vec<crate::session::ConsoleRun>,
     /// `primary_failed` or `admin` (planned switchover), for the promotions metric.
     pub reason: &'static str,
     /// Planned switchover: the primary's connection, closed with code 4 once the VM runs here.
@@ -167,15 +170,23 @@ pub(crate) async fn take_over(
         },
     };
     let lease_wait = decided.elapsed();
-    // Output of committed epochs the old primary never released comes first: the VM resumes
-    // after those epochs and will not write it again.
+    // Output of committed epochs the old primary never said it released comes first: the VM
+    // resumes after those epochs and will not write it again. The primary may have released
+    // some of it (and died before telling us): stdout then shows it twice, while the console
+    // file gets the same bytes at the same offsets, so it holds them once.
+    let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
+    if let Some(file) = &cfg.console_file {
+        gate.attach_file(file.clone());
+    }
     if !unreleased.is_empty() {
-        use std::io::Write;
-        let mut out = std::io::stdout();
-        let _ = out.write_all(&unreleased).and_then(|()| out.flush());
+        let bytes: usize = unreleased.iter().map(|(_, b)| b.len()).sum();
+        for (at, b) in &unreleased {
+            let _ = gate.emit_at(*at, b);
+        }
         info!(
-            bytes = unreleased.len(),
-            "emitted committed output the old primary had held back"
+            bytes,
+            from_offset = ?unreleased[0].0,
+            "emitted committed output the old primary had not reported released"
         );
     }
     let t = Instant::now();
@@ -187,7 +198,7 @@ pub(crate) async fn take_over(
         .take();
     let logging = reprotect.is_some();
     let (vm, gate, epoch) =
-        match tokio::task::spawn_blocking(move || promote(&held2, logging)).await {
+        match tokio::task::spawn_blocking(move || promote(&held2, gate, logging)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 error!(error = %e, "promotion failed");

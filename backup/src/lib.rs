@@ -60,4 +60,7 @@ pub struct BackupConfig {
     pub protect_to: std::sync::Mutex<Option<understudy_primary::PrimaryConfig>>,
     /// What the admin endpoint reports.
     pub status: understudy_primary::status::StatusBoard,
+    /// After a promotion, also write console bytes at their stream offsets here (the file the
+    /// primary writes: each byte ends up in it once).
+    pub console_file: Option<understudy_vmm::ConsoleFile>,
 }

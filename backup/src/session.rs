@@ -66,26 +66,30 @@ enum Ended {
     HandedOver {
         epoch: u64,
         held: Held,
-        unreleased: Vec<u8>,
+        unreleased: Vec<ConsoleRun>,
     },
     /// The primary went silent: fail over if we may.
     PrimaryFailed {
         silence: Duration,
         held: Held,
-        unreleased: Vec<u8>,
+        unreleased: Vec<ConsoleRun>,
     },
 }
+
+/// One epoch's console bytes and the console stream offset of the first (`None` from a
+/// primary whose state format does not carry it).
+pub(crate) type ConsoleRun = (Option<u64>, Vec<u8>);
 
 /// Console output of committed epochs that the primary has not yet said it released.
 #[derive(Default)]
 pub(crate) struct Unreleased {
     released: u64,
-    epochs: VecDeque<(u64, Vec<u8>)>,
+    epochs: VecDeque<(u64, ConsoleRun)>,
 }
 
 impl Unreleased {
-    fn committed(&mut self, epoch: u64, console: Vec<u8>) {
-        if epoch > self.released && !console.is_empty() {
+    fn committed(&mut self, epoch: u64, console: ConsoleRun) {
+        if epoch > self.released && !console.1.is_empty() {
             self.epochs.push_back((epoch, console));
         }
         // A primary releases within its in-flight window (<= 16 epochs); one that never says
@@ -105,8 +109,8 @@ impl Unreleased {
         }
     }
     /// The bytes a promoted VM must emit first, in epoch order.
-    fn take(&mut self) -> Vec<u8> {
-        self.epochs.drain(..).flat_map(|(_, b)| b).collect()
+    fn take(&mut self) -> Vec<ConsoleRun> {
+        self.epochs.drain(..).map(|(_, run)| run).collect()
     }
 }
 
@@ -822,13 +826,13 @@ async fn session_loop(
                         state: c.state.clone(),
                     });
                 }
-                let mut console = Vec::new();
+                let mut console = (None, Vec::new());
                 if r.is_ok() && !c.state.is_empty() {
                     if let Ok(s) = VmState::decode(&c.state, DEFAULT_STATE_LIMIT) {
                         if h.prepared.is_none() {
                             h.prepare(&s, prepare_logging);
                         }
-                        console = s.console;
+                        console = (s.console_offset, s.console);
                     }
                     h.state = Some((c.epoch, c.state));
                 }

@@ -412,8 +412,9 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         let clock = note_changed(ctl, &indices);
         // The epoch's console bytes travel in its checkpoint: if this primary dies after the
         // backup committed the epoch but before releasing them, the promoted VM emits them.
-        let (sealed, console) = vm.gate().seal_copy();
+        let (sealed, console_offset, console) = vm.gate().seal_copy();
         vm_state.console = console;
+        vm_state.console_offset = Some(console_offset);
         let state = vm_state.encode();
         if !last {
             vm.resume();

@@ -81,6 +81,13 @@ pub struct PrimaryConfig {
     pub sync_batch_pages: u32,
     /// Where released console bytes go.
     pub console: Box<dyn std::io::Write + Send + Sync>,
+    /// Also write each released console byte at its stream offset here (exactly once across
+    /// a failover when the backup writes the same file).
+    pub console_file: Option<understudy_vmm::ConsoleFile>,
+    /// Test knob: never tell the backup that an epoch's output is released, so that a
+    /// promotion emits output this primary already released (the console file must still
+    /// hold it once).
+    pub no_release_echo: bool,
     /// Test knob: a JSON line per output release (epoch, bytes, time).
     pub release_journal: Option<PathBuf>,
     /// Stop after this many consistent epochs (0 = run until stopped).

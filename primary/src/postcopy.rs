@@ -208,8 +208,9 @@ async fn run(
         let t0 = Instant::now();
         vm.pause()?;
         let mut state = vm.state()?;
-        let (_, console) = gate.seal_copy();
+        let (_, console_offset, console) = gate.seal_copy();
         state.console = console;
+        state.console_offset = Some(console_offset);
         let stale: Vec<u32> = if plan.algorithm == Algorithm::Hybrid {
             vm.take_dirty()?
                 .pages()

@@ -285,6 +285,8 @@ struct AckCtx {
     status: StatusBoard,
     /// A move, not protection: epochs after the full sync are live rounds, not checkpoints.
     moving: bool,
+    /// Test knob: do not echo the Ack after releasing.
+    no_release_echo: bool,
 }
 
 async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryError> {
@@ -303,9 +305,10 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
         peer,
         status,
         moving,
+        no_release_echo,
     } = cx;
     let (sync, kill_at, gate_base, clock) = (*sync, *kill_at, *gate_base, *clock);
-    let moving = *moving;
+    let (moving, no_release_echo) = (*moving, *no_release_echo);
     let limits = Limits::default();
     loop {
         let frame: understudy_transport::Bytes = match rx.read_frame().await {
@@ -375,7 +378,9 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                         .record(a.epoch, n, at);
                     // An Ack from the primary means "E's output is released": on promotion the
                     // backup emits only the committed output past it.
-                    let _ = messages::send(&mut *tx.lock().await, &Message::Ack(a)).await;
+                    if !no_release_echo {
+                        let _ = messages::send(&mut *tx.lock().await, &Message::Ack(a)).await;
+                    }
                 }
                 last_acked.store(a.epoch, Ordering::SeqCst);
                 status.update(|s| s.last_epoch = a.epoch);
@@ -685,6 +690,9 @@ pub async fn run(mut cfg: PrimaryConfig, stop: Arc<AtomicBool>) -> Result<Summar
 
     let console = std::mem::replace(&mut cfg.console, Box::new(std::io::sink()));
     let gate = OutputGate::gated(console, 1);
+    if let Some(file) = &cfg.console_file {
+        gate.attach_file(file.clone());
+    }
     let vm_config = VmConfig {
         regions: cfg.regions.clone(),
         vcpus: cfg.vcpus,
@@ -1369,6 +1377,7 @@ async fn session(
             peer,
             status: cfg.status.clone(),
             moving,
+            no_release_echo: cfg.no_release_echo,
         };
         let slots = Arc::clone(&slots);
         tokio::spawn(async move {

@@ -219,20 +219,8 @@ fn run_size(args: &FailoverBenchArgs, memory: &str, hz: f64, rto_limit: f64) -> 
         };
         let before = cpu_mark();
         let t = Instant::now();
-        let report = drill::one(&dargs, run, phase, &dir).unwrap_or_else(|e| DrillReport {
-            run,
-            kill_at: phase.to_string(),
-            passed: false,
-            failure: Some(format!("{e:#}")),
-            detection_ms: None,
-            promotion_ms: None,
-            lease_wait_ms: None,
-            rto_ms: None,
-            promoted_epoch: None,
-            last_tick_primary: None,
-            first_tick_backup: None,
-            rolled_back_epochs: None,
-        });
+        let report = drill::one(&dargs, run, phase, &dir)
+            .unwrap_or_else(|e| DrillReport::failed(run, phase, format!("{e:#}")));
         let wall_s = t.elapsed().as_secs_f64();
         let other_load_cores = before
             .zip(cpu_mark())

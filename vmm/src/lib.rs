@@ -21,7 +21,7 @@ pub mod uffd;
 mod vcpu;
 pub mod vm;
 
-pub use devices::serial::{MemorySink, OutputGate};
+pub use devices::serial::{ConsoleFile, ConsoleFileError, MemorySink, OutputGate};
 pub use dirty::DirtySet;
 pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
 pub use state::VmState;

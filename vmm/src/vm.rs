@@ -261,6 +261,12 @@ impl PreparedRestore {
             }
             .restore(s)?;
         }
+        // The guest's next console byte follows the ones the state's epoch wrote.
+        gate.continue_at(
+            state
+                .console_offset
+                .map(|at| at + state.console.len() as u64),
+        );
         let serial = SerialConsole::from_state(COM1_PORT, gate, &state.serial)?;
         Vm::start(
             p,
@@ -540,6 +546,7 @@ impl Vm {
             vcpus,
             serial,
             console: Vec::new(),
+            console_offset: Some(self.gate().stream_offset()),
         })
     }
 

@@ -8,11 +8,22 @@
 //!
 //! ```text
 //!   guest out 0x3f8 --> Serial (THR) --> GateWriter --> OutputGate --held by epoch--> sink
+//!                                                            |                   \-> ConsoleFile
 //!                                                            ^ seal() at capture, release(E) on Ack(E)
 //! ```
+//!
+//! Every byte has an *offset* in the VM's console stream: how many bytes the guest had written
+//! before it, since boot. The gate counts them, a state blob carries the offset of its epoch's
+//! first byte, and a restored VM's gate continues from there. A [`ConsoleFile`] writes each
+//! byte at its offset (`pwrite`), so a byte emitted twice (by a primary that released it and
+//! by a promoted backup that could not know) is stored once: the file is the exactly-once copy
+//! of the console; the stream sink (stdout) may show such a byte twice.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -28,6 +39,8 @@ pub type Sink = Box<dyn Write + Send>;
 #[derive(Debug)]
 struct Held {
     epoch: u64,
+    /// Console stream offset of `bytes[0]`.
+    at: u64,
     bytes: Vec<u8>,
     since: Instant,
 }
@@ -38,6 +51,51 @@ struct GateInner {
     held: VecDeque<Held>,
     held_bytes: usize,
     sink: Sink,
+    /// Console stream offset of the next byte the guest writes.
+    next_at: u64,
+    file: Option<ConsoleFile>,
+    /// The last write to `file` failed (logged once until a write succeeds again).
+    file_failing: bool,
+}
+
+impl GateInner {
+    /// Writes `bytes` (at stream offset `at`, if known) to the sink and the console file.
+    fn emit(&mut self, at: Option<u64>, bytes: &[u8]) -> std::io::Result<()> {
+        if let Some(file) = &self.file {
+            let r = match at {
+                Some(at) => file.write_at(at, bytes),
+                None => Err(ConsoleFileError::UnknownOffset {
+                    path: file.path.clone(),
+                    len: bytes.len(),
+                }),
+            };
+            match r {
+                Ok(()) if self.file_failing => {
+                    self.file_failing = false;
+                    tracing::info!(path = %file.path.display(), "the console file is written again");
+                }
+                Ok(()) => {}
+                Err(e) if !self.file_failing => {
+                    self.file_failing = true;
+                    tracing::error!(error = %error_chain(&e), "console output is missing from the console file");
+                }
+                Err(_) => {}
+            }
+        }
+        self.sink.write_all(bytes)
+    }
+}
+
+/// `e` and its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// Holds console output back until the epoch it was written in is committed.
@@ -75,6 +133,9 @@ impl OutputGate {
                 held: VecDeque::new(),
                 held_bytes: 0,
                 sink,
+                next_at: 0,
+                file: None,
+                file_failing: false,
             }),
         })
     }
@@ -85,11 +146,18 @@ impl OutputGate {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Also writes every byte that leaves the gate into `file`, at its stream offset.
+    pub fn attach_file(&self, file: ConsoleFile) {
+        self.lock().file = Some(file);
+    }
+
     /// Bytes from the guest.
     pub fn write(&self, bytes: &[u8]) {
         let mut g = self.lock();
+        let at = g.next_at;
+        g.next_at += bytes.len() as u64;
         if !g.gated {
-            let _ = g.sink.write_all(bytes);
+            let _ = g.emit(Some(at), bytes);
             let _ = g.sink.flush();
             return;
         }
@@ -99,10 +167,40 @@ impl OutputGate {
             Some(h) if h.epoch == epoch => h.bytes.extend_from_slice(bytes),
             _ => g.held.push_back(Held {
                 epoch,
+                at,
                 bytes: bytes.to_vec(),
                 since: Instant::now(),
             }),
         }
+    }
+
+    /// The console stream offset of the next byte the guest writes (saved in the VM state).
+    pub fn stream_offset(&self) -> u64 {
+        self.lock().next_at
+    }
+
+    /// Continues the console stream of a restored VM: its next byte has offset `at` (`None`
+    /// from a state that did not carry it: then nothing more goes to the console file, whose
+    /// offsets would be wrong).
+    pub fn continue_at(&self, at: Option<u64>) {
+        let mut g = self.lock();
+        match at {
+            Some(at) => g.next_at = at,
+            None => {
+                if let Some(f) = g.file.take() {
+                    tracing::error!(path = %f.path.display(),
+                        "the VM state (format 2, from an older build) does not say where its console output belongs: not writing the console file from here on; upgrade every node");
+                }
+            }
+        }
+    }
+
+    /// Emits bytes another copy of the VM wrote at stream offset `at` (a promoted replica
+    /// writing the output its old primary may not have released), to the sink and the file.
+    pub fn emit_at(&self, at: Option<u64>, bytes: &[u8]) -> std::io::Result<()> {
+        let mut g = self.lock();
+        g.emit(at, bytes)?;
+        g.sink.flush()
     }
 
     /// Ends the current epoch (called while the vCPUs are paused at a capture): returns its
@@ -114,18 +212,18 @@ impl OutputGate {
         e
     }
 
-    /// Like [`OutputGate::seal`], and also returns a copy of the sealed epoch's bytes (they
-    /// travel with the epoch's checkpoint, so that a promoted replica can emit them if this
-    /// copy never releases them).
-    pub fn seal_copy(&self) -> (u64, Vec<u8>) {
+    /// Like [`OutputGate::seal`], and also returns the stream offset of the sealed epoch's
+    /// first byte and a copy of its bytes (they travel with the epoch's checkpoint, so that a
+    /// promoted replica can emit them if this copy never releases them). Without bytes, the
+    /// offset is that of the next byte.
+    pub fn seal_copy(&self) -> (u64, u64, Vec<u8>) {
         let mut g = self.lock();
         let e = g.current;
         g.current += 1;
-        let bytes = match g.held.back() {
-            Some(h) if h.epoch == e => h.bytes.clone(),
-            _ => Vec::new(),
-        };
-        (e, bytes)
+        match g.held.back() {
+            Some(h) if h.epoch == e => (e, h.at, h.bytes.clone()),
+            _ => (e, g.next_at, Vec::new()),
+        }
     }
 
     /// The epoch that bytes written now belong to.
@@ -148,7 +246,7 @@ impl OutputGate {
             let h = g.held.pop_front().expect("front checked");
             g.held_bytes -= h.bytes.len();
             n += h.bytes.len();
-            g.sink.write_all(&h.bytes)?;
+            g.emit(Some(h.at), &h.bytes)?;
         }
         if n > 0 {
             g.sink.flush()?;
@@ -177,6 +275,72 @@ impl OutputGate {
     pub fn held(&self) -> (usize, Option<std::time::Duration>) {
         let g = self.lock();
         (g.held_bytes, g.held.front().map(|h| h.since.elapsed()))
+    }
+}
+
+/// A console file written by offset: each byte goes to its offset in the VM's console stream
+/// (`pwrite`), so writing the same bytes again leaves one copy. Opened without truncation:
+/// a promoted backup writes into the file its primary wrote (shared storage).
+#[derive(Clone, Debug)]
+pub struct ConsoleFile {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+/// A console file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleFileError {
+    #[error("cannot open the console file {path} (check that its directory exists and that this user may write it)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {len} console bytes at offset {at} of {path} (check free space, quota and permissions; the bytes are still on stdout)")]
+    Write {
+        path: PathBuf,
+        at: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{len} console bytes for {path} come from a VM state of an older build, which does not say where they belong; not written (they are on stdout)")]
+    UnknownOffset { path: PathBuf, len: usize },
+}
+
+impl ConsoleFile {
+    /// Opens (or creates) `path` for writing, keeping what it holds.
+    pub fn open(path: &Path) -> Result<Self, ConsoleFileError> {
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| ConsoleFileError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(ConsoleFile {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `bytes` at stream offset `at`.
+    pub fn write_at(&self, at: u64, bytes: &[u8]) -> Result<(), ConsoleFileError> {
+        self.file
+            .write_all_at(bytes, at)
+            .map_err(|source| ConsoleFileError::Write {
+                path: self.path.clone(),
+                at,
+                len: bytes.len(),
+                source,
+            })
     }
 }
 
@@ -322,6 +486,74 @@ mod tests {
         gate.release(2).unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"ab");
         assert_eq!(gate.discard(), 1);
+    }
+
+    #[test]
+    fn every_byte_has_its_stream_offset() {
+        let gate = OutputGate::gated(Box::new(std::io::sink()), 1);
+        gate.write(b"ab");
+        assert_eq!(gate.seal_copy(), (1, 0, b"ab".to_vec()));
+        assert_eq!(gate.seal_copy(), (2, 2, Vec::new()));
+        gate.write(b"c");
+        gate.write(b"d");
+        assert_eq!(gate.seal_copy(), (3, 2, b"cd".to_vec()));
+        assert_eq!(gate.stream_offset(), 4);
+        gate.discard();
+        gate.write(b"e");
+        assert_eq!(gate.seal_copy(), (4, 4, b"e".to_vec()));
+    }
+
+    #[test]
+    fn the_console_file_holds_a_byte_emitted_twice_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console");
+        // The primary releases epochs 1 and 2, then dies.
+        let primary = OutputGate::gated(Box::new(std::io::sink()), 1);
+        primary.attach_file(ConsoleFile::open(&path).unwrap());
+        primary.write(b"tick 1\n");
+        let (_, at1, e1) = primary.seal_copy();
+        primary.write(b"tick 2\n");
+        let (_, at2, e2) = primary.seal_copy();
+        primary.release(2).unwrap();
+        // The backup never heard that they were released: it emits both again, then the
+        // promoted VM continues after epoch 2.
+        let out = Shared::default();
+        let promoted = OutputGate::passthrough(Box::new(out.clone()));
+        promoted.attach_file(ConsoleFile::open(&path).unwrap());
+        promoted.emit_at(Some(at1), &e1).unwrap();
+        promoted.emit_at(Some(at2), &e2).unwrap();
+        promoted.continue_at(Some(at2 + e2.len() as u64));
+        promoted.write(b"tick 3\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"tick 1\ntick 2\ntick 3\n");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"tick 1\ntick 2\ntick 3\n",
+            "each byte once"
+        );
+    }
+
+    #[test]
+    fn a_console_file_that_cannot_be_written_does_not_stop_the_console() {
+        let out = Shared::default();
+        let gate = OutputGate::gated(Box::new(out.clone()), 1);
+        let full = ConsoleFile::open(Path::new("/dev/full")).unwrap();
+        let e = full.write_at(0, b"x").unwrap_err().to_string();
+        assert!(e.contains("/dev/full") && e.contains("free space"), "{e}");
+        gate.attach_file(full);
+        gate.write(b"tick 1\n");
+        gate.seal();
+        assert_eq!(gate.release(1).unwrap(), 7);
+        assert_eq!(&*out.0.lock().unwrap(), b"tick 1\n");
+    }
+
+    #[test]
+    fn a_console_file_that_cannot_be_opened_names_its_path() {
+        let e = ConsoleFile::open(Path::new("/nonexistent-dir/console")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("/nonexistent-dir/console") && text.contains("directory exists"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,6 +17,16 @@
 //!                VM (once), then VCPU (one per vCPU, in id order), then SERIAL (once),
 //!                then (version 2) CONSOLE: the console bytes the guest wrote in the epoch
 //!                this state closes, not yet released to the outside
+//!
+//!  CONSOLE section, version 3            CONSOLE section, version 2
+//!    known u8 (0 or 1)                     length u32 | bytes
+//!    offset u64 (0 unless known)
+//!    length u32 | bytes
+//!
+//!  offset: where the first of these bytes sits in the VM's console stream (every byte the
+//!  guest has written since boot, counted from 0); with it, a console sink keyed by offset
+//!  stores a byte written twice (by the old primary and by the promoted VM) once.
+//!  A version 2 blob decodes with the offset unknown.
 //! ```
 //!
 //! Decoding checks the magic, the version, the declared length against a caller-set limit
@@ -30,10 +40,11 @@ use vm_superio::serial::SerialState;
 
 use crate::memory::RegionSpec;
 
-/// The state format this build writes (2 adds the CONSOLE section).
-pub const STATE_VERSION: u16 = 2;
-/// The oldest state format this build reads.
-pub const STATE_VERSION_MIN: u16 = 1;
+/// The state format this build writes (2 adds the CONSOLE section, 3 the console bytes' offset
+/// in the VM's console stream).
+pub const STATE_VERSION: u16 = 3;
+/// The oldest state format this build reads (the one before `STATE_VERSION`).
+pub const STATE_VERSION_MIN: u16 = 2;
 /// Default upper bound on a blob's size when decoding.
 pub const DEFAULT_STATE_LIMIT: usize = 1 << 20;
 
@@ -76,6 +87,9 @@ pub struct VmState {
     /// Console bytes written in the epoch this state closes (output commit: a promoted replica
     /// emits them if the old primary never released them). Empty outside replication.
     pub console: Vec<u8>,
+    /// Offset of `console[0]` in the VM's console stream (bytes the guest has written since
+    /// boot); with `console` empty, the offset of the next byte. `None` from a format 2 blob.
+    pub console_offset: Option<u64>,
 }
 
 /// Why a state blob was refused.
@@ -118,7 +132,11 @@ impl VmState {
             payload.section(TAG_VCPU, |w| v.encode(w));
         }
         payload.section(TAG_SERIAL, |w| encode_serial(&self.serial, w));
-        payload.section(TAG_CONSOLE, |w| w.bytes(&self.console));
+        payload.section(TAG_CONSOLE, |w| {
+            w.u8(self.console_offset.is_some() as u8);
+            w.u64(self.console_offset.unwrap_or(0));
+            w.bytes(&self.console)
+        });
         let payload = payload.0;
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.extend_from_slice(MAGIC);
@@ -202,14 +220,23 @@ impl VmState {
         let mut s = r.section(TAG_SERIAL)?;
         let serial = decode_serial(&mut s)?;
         s.end()?;
-        let console = if version >= 2 {
-            let mut c = r.section(TAG_CONSOLE)?;
-            let bytes = c.bytes(MAX_CONSOLE)?.to_vec();
-            c.end()?;
-            bytes
+        let mut c = r.section(TAG_CONSOLE)?;
+        let console_offset = if version >= 3 {
+            let known = c.u8()?;
+            let offset = c.u64()?;
+            match (known, offset) {
+                (1, o) => Some(o),
+                (0, 0) => None,
+                _ => return Err(StateDecodeError::Section("console offset malformed")),
+            }
         } else {
-            Vec::new()
+            None
         };
+        let console = c.bytes(MAX_CONSOLE)?.to_vec();
+        c.end()?;
+        if console_offset.is_some_and(|o| o.checked_add(console.len() as u64).is_none()) {
+            return Err(StateDecodeError::Section("console offset out of range"));
+        }
         r.end()?;
         Ok(VmState {
             regions,
@@ -218,6 +245,7 @@ impl VmState {
             vcpus,
             serial,
             console,
+            console_offset,
         })
     }
 }
@@ -366,7 +394,69 @@ mod tests {
             vcpus: vec![VcpuState::default()],
             serial: SerialState::default(),
             console: b"tick 1 ok\n".to_vec(),
+            console_offset: Some(4096),
         }
+    }
+
+    /// A format 2 blob (no console offset) as a build before format 3 wrote it.
+    fn encode_v2(s: &VmState) -> Vec<u8> {
+        let v3 = s.encode();
+        let payload = &v3[HEADER..];
+        // The CONSOLE section is last: tag, reserved, length, then known u8 and offset u64.
+        let console_at = payload.len() - (8 + 1 + 8 + 4 + s.console.len());
+        let mut p = payload[..console_at].to_vec();
+        let mut w = Writer::default();
+        w.section(TAG_CONSOLE, |w| w.bytes(&s.console));
+        p.extend_from_slice(&w.0);
+        let mut out = v3[..HEADER].to_vec();
+        out[8..10].copy_from_slice(&2u16.to_le_bytes());
+        out[12..16].copy_from_slice(&(p.len() as u32).to_le_bytes());
+        out[16..20].copy_from_slice(&crc32fast::hash(&p).to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    #[test]
+    fn reads_format_2_with_the_console_offset_unknown() {
+        let s = sample();
+        let old = VmState::decode(&encode_v2(&s), DEFAULT_STATE_LIMIT).unwrap();
+        assert_eq!(old.console, s.console);
+        assert_eq!(old.console_offset, None);
+        assert_eq!(
+            VmState {
+                console_offset: Some(4096),
+                ..old
+            },
+            s
+        );
+    }
+
+    #[test]
+    fn an_unknown_console_offset_round_trips() {
+        let s = VmState {
+            console_offset: None,
+            ..sample()
+        };
+        let blob = s.encode();
+        assert_eq!(VmState::decode(&blob, DEFAULT_STATE_LIMIT).unwrap(), s);
+    }
+
+    #[test]
+    fn refuses_format_1_and_console_offsets_that_overflow() {
+        let mut b = sample().encode();
+        b[8..10].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(
+            VmState::decode(&b, DEFAULT_STATE_LIMIT),
+            Err(StateDecodeError::Version { found: 1, .. })
+        ));
+        let s = VmState {
+            console_offset: Some(u64::MAX - 3),
+            ..sample()
+        };
+        assert_eq!(
+            VmState::decode(&s.encode(), DEFAULT_STATE_LIMIT),
+            Err(StateDecodeError::Section("console offset out of range"))
+        );
     }
 
     #[test]
