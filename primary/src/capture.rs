@@ -84,9 +84,9 @@ impl PageMap {
 
 /// Staging buffers up to this size are kept for epochs of ordinary size.
 const MAX_KEPT_STAGING: usize = 8192 * PAGE_SIZE;
-/// Larger buffers (sync batches, the batches of a move's live rounds) are kept only while
-/// large takes follow one another: the first take of ordinary size frees them, so that the
-/// steady state does not hold a sync's memory.
+/// Larger buffers (sync batches, the batches of a move's live rounds) are kept only while the
+/// pool is in large mode, i.e. during a sync or a move's live rounds; leaving it frees them
+/// (outside any pause), so the steady state does not hold a sync's memory.
 const MAX_POOLED_STAGING: usize = 16384 * PAGE_SIZE;
 
 /// Reusable staging buffers for captured pages.
@@ -96,18 +96,24 @@ const MAX_POOLED_STAGING: usize = 16384 * PAGE_SIZE;
 /// here when their epoch has been encoded and keep their pages mapped, so a capture copies into
 /// memory that is already faulted in.
 #[derive(Clone, Default)]
-pub(crate) struct StagingPool(Arc<Mutex<Vec<Vec<u8>>>>);
+pub(crate) struct StagingPool(Arc<Mutex<PoolInner>>);
+
+#[derive(Default)]
+struct PoolInner {
+    bufs: Vec<Vec<u8>>,
+    large: bool,
+}
 
 impl StagingPool {
     /// A buffer of at least `len` bytes; only growth beyond earlier epochs faults new pages.
     fn take(&self, len: usize) -> Staging {
-        let mut buf = {
-            let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if len <= MAX_KEPT_STAGING {
-                pool.retain(|b| b.len() <= MAX_KEPT_STAGING);
-            }
-            pool.pop().unwrap_or_default()
-        };
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bufs
+            .pop()
+            .unwrap_or_default();
         if buf.len() < len {
             buf.resize(len, 0);
         }
@@ -116,6 +122,24 @@ impl StagingPool {
             len,
             pool: self.clone(),
         }
+    }
+
+    /// Large mode keeps sync-sized buffers between takes; leaving it frees them here.
+    fn set_large(&self, large: bool) {
+        let freed: Vec<Vec<u8>> = {
+            let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            p.large = large;
+            if large {
+                Vec::new()
+            } else {
+                let (keep, big) = std::mem::take(&mut p.bufs)
+                    .into_iter()
+                    .partition(|b| b.len() <= MAX_KEPT_STAGING);
+                p.bufs = keep;
+                big
+            }
+        };
+        drop(freed);
     }
 }
 
@@ -139,10 +163,15 @@ impl Drop for Staging {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
         let mut pool = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
-        // In-flight epochs bound how many buffers exist; keep a few spare, free the rest (big
-        // ones go at the next take of ordinary size, see `take`).
-        if pool.len() < 4 && buf.len() <= MAX_POOLED_STAGING {
-            pool.push(buf);
+        // In-flight epochs bound how many buffers exist; keep a few spare, free the rest (the
+        // buffer drops after the lock guard).
+        let limit = if pool.large {
+            MAX_POOLED_STAGING
+        } else {
+            MAX_KEPT_STAGING
+        };
+        if pool.bufs.len() < 4 && buf.len() <= limit {
+            pool.bufs.push(buf);
         }
     }
 }
@@ -284,6 +313,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     let batch = ctl.sync_batch.max(1);
     let started = Instant::now();
     let mut epoch = 0u64;
+    ctl.staging.set_large(true);
     let order: Vec<u32> = match &ctl.sync {
         SyncPlan::Full => (0..ctl.map.total()).collect(),
         SyncPlan::Delta(pages) => {
@@ -377,6 +407,8 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             true
         }
     };
+    // Sync-sized buffers go now, not inside a pause.
+    ctl.staging.set_large(false);
     let mut consistent = 0u64;
     let mut deadline = if moving {
         Instant::now()

@@ -311,6 +311,9 @@ impl FrameReader {
     }
 }
 
+/// Send priority of control streams; data streams keep quinn's default, 0.
+pub const CONTROL_PRIORITY: i32 = 16;
+
 /// One bidirectional stream carrying frames both ways, for control messages (hello, epoch
 /// commits, acks, heartbeats).
 #[derive(Debug)]
@@ -320,8 +323,13 @@ pub struct ControlChannel {
 }
 
 impl ControlChannel {
-    /// Wraps both halves of a bidirectional stream.
+    /// Wraps both halves of a bidirectional stream. Its frames go out before chunk data
+    /// (stream priority [`CONTROL_PRIORITY`]): heartbeats, commits, acks and lease messages
+    /// must not wait behind megabytes of pages, or a busy link (a full sync on a loaded host)
+    /// looks like a silent peer and a healthy node is declared failed or fences itself.
     pub fn new(send: SendStream, recv: RecvStream, max_frame_len: u32) -> Self {
+        // Only fails on a stream already closed, which the first send reports anyway.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         Self {
             sender: FrameSender::new(send),
             reader: FrameReader::new(recv, max_frame_len),
