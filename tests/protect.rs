@@ -267,7 +267,9 @@ fn primary_runs_on_unprotected_and_reprotects_with_a_new_backup() {
     );
     let err = primary.err();
     assert!(
-        err.contains("re-protecting with a full sync") && err.contains("sessions=2"),
+        err.contains("a backup accepted us again; re-protecting")
+            && err.matches("full sync sent").count() == 2
+            && err.contains("sessions=2"),
         "the primary did not re-protect in a second session: {err}"
     );
     let a = std::fs::read(d.join("pdump/memory.img")).unwrap();

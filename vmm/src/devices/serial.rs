@@ -231,11 +231,24 @@ impl OutputGate {
         self.lock().current
     }
 
-    /// Starts holding output; bytes from now on belong to `epoch`.
+    /// Starts holding output; bytes from now on belong to `epoch`, and so do bytes still held
+    /// from earlier epochs (e.g. written while the VM booted, before its first session): they
+    /// go out with `epoch`, the first checkpoint a replica can resume from, which carries them
+    /// (see [`OutputGate::seal_copy`]), so a replica promoted from it emits them if this copy
+    /// never did. Released earlier, on the Ack of an epoch without VM state, they would be lost
+    /// when this copy dies before that Ack.
     pub fn hold_from(&self, epoch: u64) {
         let mut g = self.lock();
         g.gated = true;
         g.current = epoch;
+        // Held bytes are contiguous in the stream: merge them into one entry for `epoch`.
+        if let Some(mut first) = g.held.pop_front() {
+            while let Some(h) = g.held.pop_front() {
+                first.bytes.extend_from_slice(&h.bytes);
+            }
+            first.epoch = epoch;
+            g.held.push_back(first);
+        }
     }
 
     /// Writes every held byte of epochs `<= epoch` to the sink; returns the byte count.
@@ -486,6 +499,26 @@ mod tests {
         gate.release(2).unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"ab");
         assert_eq!(gate.discard(), 1);
+    }
+
+    #[test]
+    fn bytes_held_before_a_session_go_out_with_its_first_checkpoint() {
+        let out = Shared::default();
+        let gate = OutputGate::gated(Box::new(out.clone()), 1);
+        gate.write(b"boot ");
+        gate.seal();
+        gate.write(b"more ");
+        // A session whose first consistent epoch is 5 (epochs 1..=4 are its sync).
+        gate.hold_from(5);
+        gate.write(b"sync");
+        assert_eq!(
+            gate.release(4).unwrap(),
+            0,
+            "a sync epoch's Ack releases nothing"
+        );
+        assert_eq!(gate.seal_copy(), (5, 0, b"boot more sync".to_vec()));
+        assert_eq!(gate.release(5).unwrap(), 14);
+        assert_eq!(&*out.0.lock().unwrap(), b"boot more sync");
     }
 
     #[test]
