@@ -173,10 +173,20 @@ const DELTA_SENT: &str = "delta resync sent";
 const FULL_SENT: &str = "full sync sent";
 const DELTA_PLAN: &str = "delta resync: the backup kept";
 
-/// The sync that re-protected the primary after it lost its backup: the last "... sent" line
-/// after the loss and before the next `COMMITTED` (a session lost mid-sync retries).
-fn resync_after_loss(plog: &str) -> Option<Resync> {
-    let after = &plog[plog.find(LOST)?..];
+/// Where the primary's log says it is unprotected now: the offset of its last `LOST` line, if
+/// no `COMMITTED` follows it. (Not a count of `LOST` lines: a session lost to the loss on the
+/// relay before the kill reconnects to the same backup and adds a `LOST` and a `COMMITTED`.)
+fn unprotected_at(plog: &str) -> Option<usize> {
+    let lost = plog.rfind(LOST)?;
+    plog.rfind(COMMITTED)
+        .is_none_or(|c| c < lost)
+        .then_some(lost)
+}
+
+/// The sync that re-protected the primary after the loss its log shows at `lost_at`: the last
+/// "... sent" line from there to the next `COMMITTED` (a session lost mid-sync retries).
+fn resync_after_loss(plog: &str, lost_at: usize) -> Option<Resync> {
+    let after = plog.get(lost_at..)?;
     let until = after.find(COMMITTED).map_or(after, |i| &after[..i]);
     let sent = until
         .lines()
@@ -472,6 +482,20 @@ impl Round<'_> {
         }
     }
 
+    /// Polls `f` until it gives a value or `timeout` passes, sampling.
+    fn wait_until<T>(&mut self, timeout: Duration, f: impl Fn(&Self) -> Option<T>) -> Option<T> {
+        let t = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return Some(v);
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            self.sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until `label`'s log holds `needle` at least `count` times, sampling.
     fn wait_log(&mut self, label: &str, needle: &str, count: usize, timeout: Duration) -> bool {
         let t = Instant::now();
@@ -722,40 +746,51 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
     let _ = b.proc.0.kill();
     let _ = b.proc.0.wait();
     r.lag_from = None;
-    if !r.check_log(
-        "primary notices the backup loss",
-        "primary",
-        LOST,
-        1,
-        Duration::from_secs(10),
-    ) {
+    let timeout = Duration::from_secs(10);
+    let lost_at = r.wait_until(timeout, |r| unprotected_at(&r.err("primary")));
+    let Some(lost_at) = lost_at else {
+        r.check(
+            "primary notices the backup loss",
+            false,
+            Some(format!(
+                "no {LOST:?} after the last {COMMITTED:?} in the primary's log within {timeout:?}"
+            )),
+        );
         return Ok(("backup", protected.as_secs_f64()));
-    }
+    };
+    r.check("primary notices the backup loss", false, None);
     let ticks_at_loss = ledger_ticks(&r.out("primary")).len();
     r.sleep(Duration::from_secs_f64(rng.between(0.5, 3.0)));
     // Same address, same --image-dir: the new backup loads what the killed one stored.
     let (b1, b1_metrics) =
         r.backup_args(&b_addr, "backup", Some(&b2_addr), image_dir.as_deref())?;
     r.spawn("backup-new", "backup", b1, Some(b1_metrics))?;
-    if !r.check_log(
+    let timeout = Duration::from_secs(120);
+    let reprotected = r.wait_until(timeout, |r| {
+        r.err("primary")
+            .get(lost_at..)
+            .is_some_and(|l| l.contains(COMMITTED))
+            .then_some(())
+    });
+    if !r.check(
         "primary re-protected by the restarted backup",
-        "primary",
-        COMMITTED,
-        2,
-        Duration::from_secs(120),
+        false,
+        reprotected.is_none().then(|| {
+            format!("no {COMMITTED:?} in the primary's log after the loss within {timeout:?}")
+        }),
     ) {
         return Ok(("backup", protected.as_secs_f64()));
     }
     r.backup_losses += 1;
     let plog = r.err("primary");
-    r.resync = resync_after_loss(&plog);
+    r.resync = resync_after_loss(&plog, lost_at);
     let kind = r.resync.as_ref().map(|x| x.kind);
     if !args.no_persist {
         let failure = match kind {
             Some("delta") => None,
             Some(_) => Some(format!(
                 "a full sync instead of a delta resync: {}",
-                why_not_resumed(&plog, &r.err("backup-new"))
+                why_not_resumed(&plog[lost_at..], &r.err("backup-new"))
             )),
             None => Some(format!(
                 "no {DELTA_SENT:?} or {FULL_SENT:?} in the primary's log after the loss"
@@ -1148,7 +1183,7 @@ T7  INFO understudy_primary::session: full sync sent epochs=2 wire_bytes=1
 
     #[test]
     fn the_resync_after_the_loss_is_read_against_the_first_full_sync() {
-        let x = resync_after_loss(PLOG).unwrap();
+        let x = resync_after_loss(PLOG, PLOG.find(LOST).unwrap()).unwrap();
         assert_eq!(
             x,
             Resync {
@@ -1167,12 +1202,13 @@ T7  INFO understudy_primary::session: full sync sent epochs=2 wire_bytes=1
         let plog = PLOG
             .replace("delta resync sent", "full sync sent")
             .replace("delta resync: the backup kept", "the backup kept an image this primary did not send or no longer remembers; reconnecting for a full sync");
-        let x = resync_after_loss(&plog).unwrap();
+        let x = resync_after_loss(&plog, plog.find(LOST).unwrap()).unwrap();
         assert_eq!(
             (x.kind, x.wire_bytes, x.pages),
             ("full", Some(8_100_000), None)
         );
-        assert!(resync_after_loss(&PLOG[..PLOG.find(LOST).unwrap()]).is_none());
+        let lost = PLOG.find(LOST).unwrap();
+        assert!(resync_after_loss(&PLOG[..PLOG.find("T3").unwrap()], lost).is_none());
         let why = why_not_resumed(&plog, "T  WARN understudy_backup::session: the stored image cannot be resumed from error=torn");
         assert!(why.contains("primary: the backup kept an image"), "{why}");
         assert!(
@@ -1183,6 +1219,21 @@ T7  INFO understudy_primary::session: full sync sent epochs=2 wire_bytes=1
             why.contains("no \"resuming from the stored image\""),
             "{why}"
         );
+    }
+
+    #[test]
+    fn the_loss_is_the_last_one_and_only_while_unprotected() {
+        // Protected, lost (the relay), protected again by the same backup, then the kill.
+        let first = PLOG.find(LOST).unwrap();
+        let twice = format!("{PLOG}T8  WARN x: {LOST}; reconnecting\n");
+        assert_eq!(unprotected_at(PLOG), None);
+        assert_eq!(
+            unprotected_at(&PLOG[..PLOG.find("T3").unwrap()]),
+            Some(first)
+        );
+        let last = unprotected_at(&twice).unwrap();
+        assert!(last > first);
+        assert_eq!(resync_after_loss(&twice, last), None);
     }
 
     #[test]
