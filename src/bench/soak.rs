@@ -4,29 +4,37 @@
 //! Every round starts a fresh set of `understudy` processes on loopback (mutual TLS, as
 //! `understudy drill` does): a witness, a primary (ledger guest) whose backup sits behind
 //! `understudy relay` (2% loss and 5 ms delay each way by default), that backup
-//! (`--protect-to` a standby), and the standby. Failure timeouts and lease TTLs are 1 s: the
-//! 300 ms defaults misfire under loss on a loaded 2-core machine. Once the primary is
-//! protected, the round runs for a random 5-20 s and then SIGKILLs a random side:
+//! (`--protect-to` a standby, `--image-dir` a directory of the round), and the standby. Failure
+//! timeouts and lease TTLs are 1 s: the 300 ms defaults misfire under loss on a loaded 2-core
+//! machine. Once the primary is protected, the round runs for a random 5-20 s and then
+//! SIGKILLs a random side:
 //!
 //! ```text
 //!  primary killed                          backup killed
 //!  ──────────────                          ─────────────
 //!  backup promotes (witness lease)         primary goes UNPROTECTED, keeps ticking
-//!  backup re-protects to the standby       a new backup starts at the same address:
-//!  ledger: primary's console, then the       full sync (no persistence yet), PROTECTED again
-//!    promoted VM's: every tick once        ledger so far: every tick once
+//!  backup re-protects to the standby       a new backup starts at the same address over the
+//!  ledger: primary's console, then the       same --image-dir: it loads the stored image and
+//!    promoted VM's: every tick once          the primary sends a delta resync (only the pages
+//!                                            changed since), PROTECTED again
+//!                                          ledger so far: every tick once
 //!                                          after 2-5 s the primary is killed: the new
-//!                                            backup promotes and re-protects; ledger checked
-//!                                            across both consoles
+//!                                            backup promotes from its resumed image and
+//!                                            re-protects; ledger checked across both consoles
 //! ```
 //!
-//! A restarted backup always starts from a full sync: delta resync is not built yet, and the
-//! soak's backups run without `--image-dir`. While the rounds run, the current primary's metrics are scraped every 200 ms
+//! The ledger check after that second kill is the proof that the delta missed nothing: the
+//! promoted VM runs on the image the delta completed. A full sync where a delta was due (the
+//! stored image was not usable, or the primary did not know it) is a failed check, with the
+//! log lines that say why. Per backup-kill round the delta's wire bytes and pages are recorded
+//! against the wire bytes of the round's first full sync. `--no-persist` runs the backups
+//! without `--image-dir`, as before delta resync: every restarted backup gets a full sync.
+//!
+//! While the rounds run, the current primary's metrics are scraped every 200 ms
 //! (`understudy_replication_lag_seconds` while `understudy_protected` is 1; reported apart per
 //! source, and "steady" for samples taken at least 3 s after that node became protected, as the
-//! first epochs after a full sync wait behind it), and every
-//! process's `/proc/PID/status` gives its `VmHWM` (peak resident set) and `RssAnon` (sampled;
-//! the highest value seen is kept).
+//! first epochs after a sync wait behind it), and every process's `/proc/PID/status` gives its
+//! `VmHWM` (peak resident set) and `RssAnon` (sampled; the highest value seen is kept).
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -50,6 +58,14 @@ pub struct SoakArgs {
     /// Guest memory of the ledger VM.
     #[arg(long, default_value = "128M")]
     memory: String,
+    /// Ledger pages of the guest (`primary --pages`); default: the guest's 2048 (8 MiB). At
+    /// the default rate those are all rewritten within a second, so a restarted backup's delta
+    /// holds nearly every one of them: as much as a full sync, which skips zero pages.
+    #[arg(long)]
+    ledger_pages: Option<String>,
+    /// Ledger steps per second (`primary --rate`); default: the guest's (10000).
+    #[arg(long)]
+    ledger_rate: Option<String>,
     /// Fraction of datagrams the relay between primary and backup drops, each way.
     #[arg(long, default_value = "0.02")]
     loss: String,
@@ -71,6 +87,10 @@ pub struct SoakArgs {
     /// a failed round's directory is kept (its path is printed).
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// Run the backups without `--image-dir`: a restarted backup gets a full sync (the soak
+    /// before delta resync, to compare).
+    #[arg(long)]
+    no_persist: bool,
 }
 
 /// xorshift64*: repeatable draws from --seed.
@@ -120,8 +140,99 @@ struct RoundReport {
     max_lag_ms: Option<f64>,
     max_steady_lag_ms: Option<f64>,
     checks: Vec<Check>,
+    /// Backup-kill rounds: how the restarted backup was synced.
+    resync: Option<Resync>,
     kept_dir: Option<String>,
     wall_s: f64,
+}
+
+/// How the primary re-protected itself with the restarted backup, from its log.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+struct Resync {
+    /// "delta" or "full".
+    kind: &'static str,
+    wire_bytes: Option<u64>,
+    /// Delta only: pages changed since the backup's stored image, of `of_pages`.
+    pages: Option<u64>,
+    of_pages: Option<u64>,
+    /// The round's first full sync (to the first backup), for scale.
+    first_full_sync_wire_bytes: Option<u64>,
+}
+
+impl Resync {
+    /// The delta's wire bytes as a percentage of the round's first full sync.
+    fn pct_of_full(&self) -> Option<f64> {
+        let (d, f) = (self.wire_bytes?, self.first_full_sync_wire_bytes?);
+        (f > 0).then(|| d as f64 * 100.0 / f as f64)
+    }
+}
+
+const LOST: &str = "UNPROTECTED: lost the backup";
+const COMMITTED: &str = "PROTECTED: the backup committed";
+const DELTA_SENT: &str = "delta resync sent";
+const FULL_SENT: &str = "full sync sent";
+const DELTA_PLAN: &str = "delta resync: the backup kept";
+
+/// Where the primary's log says it is unprotected now: the offset of its last `LOST` line, if
+/// no `COMMITTED` follows it. (Not a count of `LOST` lines: a session lost to the loss on the
+/// relay before the kill reconnects to the same backup and adds a `LOST` and a `COMMITTED`.)
+fn unprotected_at(plog: &str) -> Option<usize> {
+    let lost = plog.rfind(LOST)?;
+    plog.rfind(COMMITTED)
+        .is_none_or(|c| c < lost)
+        .then_some(lost)
+}
+
+/// The sync that re-protected the primary after the loss its log shows at `lost_at`: the last
+/// "... sent" line from there to the next `COMMITTED` (a session lost mid-sync retries).
+fn resync_after_loss(plog: &str, lost_at: usize) -> Option<Resync> {
+    let after = plog.get(lost_at..)?;
+    let until = after.find(COMMITTED).map_or(after, |i| &after[..i]);
+    let sent = until
+        .lines()
+        .rev()
+        .find(|l| l.contains(DELTA_SENT) || l.contains(FULL_SENT))?;
+    let delta = sent.contains(DELTA_SENT);
+    let plan = until.lines().rev().find(|l| l.contains(DELTA_PLAN));
+    let plan_field = |key| {
+        plan.filter(|_| delta)
+            .and_then(|l| drill::field(l, "", key))
+    };
+    Some(Resync {
+        kind: if delta { "delta" } else { "full" },
+        wire_bytes: drill::field(sent, "", "wire_bytes"),
+        pages: plan_field("pages"),
+        of_pages: plan_field("of"),
+        first_full_sync_wire_bytes: drill::field(plog, FULL_SENT, "wire_bytes"),
+    })
+}
+
+/// Log lines that say why a restarted backup was not resumed, timestamps and levels cut.
+fn why_not_resumed(plog: &str, blog: &str) -> String {
+    const WHY: [&str; 7] = [
+        "reconnecting for a full sync",
+        "could not be resumed",
+        "cannot be resumed from",
+        "the stored image is damaged",
+        "no stored image yet",
+        "cannot keep the image",
+        "stored image intact",
+    ];
+    let mut why: Vec<String> = [("primary", plog), ("backup-new", blog)]
+        .iter()
+        .flat_map(|(who, log)| {
+            log.lines()
+                .filter(|l| WHY.iter().any(|w| l.contains(w)))
+                .map(move |l| {
+                    let msg = l.split_once(": ").map_or(l, |(_, m)| m);
+                    format!("{who}: {}", msg.chars().take(240).collect::<String>())
+                })
+        })
+        .collect();
+    if !blog.contains("resuming from the stored image") {
+        why.push("backup-new: no \"resuming from the stored image\"".into());
+    }
+    why.join(" | ")
 }
 
 #[derive(Serialize, Debug)]
@@ -129,6 +240,8 @@ struct Summary {
     minutes: f64,
     seed: u64,
     memory: String,
+    ledger_pages: Option<String>,
+    ledger_rate: Option<String>,
     loss: String,
     delay: String,
     timeout: String,
@@ -153,6 +266,19 @@ struct Summary {
     rto_max_ms: Option<f64>,
     /// Highest VmHWM and RssAnon seen per role (a promoted backup counts as a backup).
     memory_high_water: BTreeMap<&'static str, Mem>,
+    /// Backups ran with `--image-dir` (not `--no-persist`).
+    persist: bool,
+    /// Backup-kill rounds whose restarted backup got a delta resync, and a full sync.
+    delta_resyncs: usize,
+    full_resyncs: usize,
+    delta_wire_bytes_p50: Option<f64>,
+    delta_wire_bytes_max: Option<f64>,
+    /// The delta as a percentage of the same round's first full sync.
+    delta_pct_of_full_p50: Option<f64>,
+    delta_pct_of_full_max: Option<f64>,
+    delta_pages_p50: Option<f64>,
+    delta_pages_max: Option<f64>,
+    full_sync_wire_bytes_p50: Option<f64>,
     loadavg_before: String,
     loadavg_after: String,
     loadavg1_max: f64,
@@ -161,8 +287,15 @@ struct Summary {
     round_reports: Vec<RoundReport>,
 }
 
-const NOTE: &str = "a restarted backup starts from a full sync (delta resync is not built \
-                    yet; the soak's backups run without --image-dir)";
+/// What the restarted backups were expected to get.
+fn note(persist: bool) -> &'static str {
+    if persist {
+        "backups run with --image-dir; a backup killed and restarted over the same directory \
+         must be re-protected with a delta resync (a full sync there is a failed check)"
+    } else {
+        "--no-persist: backups run without --image-dir, a restarted backup gets a full sync"
+    }
+}
 
 /// A process of the round, its role (for memory figures) and its metrics address.
 struct Node {
@@ -304,6 +437,7 @@ struct Round<'a> {
     rto_ms: Vec<f64>,
     failovers: u32,
     backup_losses: u32,
+    resync: Option<Resync>,
 }
 
 impl Round<'_> {
@@ -345,6 +479,20 @@ impl Round<'_> {
         while t.elapsed() < d {
             self.samples.sample(&mut self.nodes, self.lag_from.as_ref());
             std::thread::sleep(Duration::from_millis(20).min(d.saturating_sub(t.elapsed())));
+        }
+    }
+
+    /// Polls `f` until it gives a value or `timeout` passes, sampling.
+    fn wait_until<T>(&mut self, timeout: Duration, f: impl Fn(&Self) -> Option<T>) -> Option<T> {
+        let t = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return Some(v);
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            self.sleep(Duration::from_millis(20));
         }
     }
 
@@ -390,12 +538,19 @@ impl Round<'_> {
         )
     }
 
+    /// The directory the backup at the relay's address keeps its image in (the first one and
+    /// the one restarted after it was killed), unless `--no-persist`.
+    fn image_dir(&self) -> Option<String> {
+        (!self.args.no_persist).then(|| self.dir.join("backup-image").display().to_string())
+    }
+
     /// A backup's arguments and its metrics address.
     fn backup_args(
         &self,
         addr: &str,
         name: &str,
         protect_to: Option<&str>,
+        image_dir: Option<&str>,
     ) -> Result<(Vec<String>, String)> {
         let metrics = format!("127.0.0.1:{}", tcp_port()?);
         let mut a = s(&[
@@ -417,6 +572,9 @@ impl Round<'_> {
         ]);
         if let Some(to) = protect_to {
             a.extend(s(&["--protect-to", to, "--protect-to-name", "backup2"]));
+        }
+        if let Some(dir) = image_dir {
+            a.extend(s(&["--image-dir", dir]));
         }
         Ok((a, metrics))
     }
@@ -496,9 +654,11 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
     ) {
         return Ok(("-", 0.0));
     }
-    let (b2, b2_metrics) = r.backup_args(&b2_addr, "backup2", None)?;
+    let (b2, b2_metrics) = r.backup_args(&b2_addr, "backup2", None, None)?;
     r.spawn("backup2", "backup", b2, Some(b2_metrics))?;
-    let (b1, b1_metrics) = r.backup_args(&b_addr, "backup", Some(&b2_addr))?;
+    let image_dir = r.image_dir();
+    let (b1, b1_metrics) =
+        r.backup_args(&b_addr, "backup", Some(&b2_addr), image_dir.as_deref())?;
     r.spawn("backup", "backup", b1, Some(b1_metrics))?;
     let seed = rng.next().to_string();
     let relay = s(&[
@@ -525,7 +685,7 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
         }
     }
     let metrics = format!("127.0.0.1:{}", tcp_port()?);
-    let pargs = s(&[
+    let mut pargs = s(&[
         "primary",
         "--certs",
         &r.certs,
@@ -544,6 +704,14 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
         "--metrics",
         &metrics,
     ]);
+    for (flag, v) in [
+        ("--pages", &args.ledger_pages),
+        ("--rate", &args.ledger_rate),
+    ] {
+        if let Some(v) = v {
+            pargs.extend(s(&[flag, v]));
+        }
+    }
     r.spawn("primary", "primary", pargs, Some(metrics.clone()))?;
     if !r.check_log(
         "primary protected",
@@ -578,30 +746,68 @@ fn round(r: &mut Round, rng: &mut Rng) -> Result<(&'static str, f64)> {
     let _ = b.proc.0.kill();
     let _ = b.proc.0.wait();
     r.lag_from = None;
-    if !r.check_log(
-        "primary notices the backup loss",
-        "primary",
-        "UNPROTECTED: lost the backup",
-        1,
-        Duration::from_secs(10),
-    ) {
+    let timeout = Duration::from_secs(10);
+    let lost_at = r.wait_until(timeout, |r| unprotected_at(&r.err("primary")));
+    let Some(lost_at) = lost_at else {
+        r.check(
+            "primary notices the backup loss",
+            false,
+            Some(format!(
+                "no {LOST:?} after the last {COMMITTED:?} in the primary's log within {timeout:?}"
+            )),
+        );
         return Ok(("backup", protected.as_secs_f64()));
-    }
+    };
+    r.check("primary notices the backup loss", false, None);
     let ticks_at_loss = ledger_ticks(&r.out("primary")).len();
     r.sleep(Duration::from_secs_f64(rng.between(0.5, 3.0)));
-    let (b1, b1_metrics) = r.backup_args(&b_addr, "backup", Some(&b2_addr))?;
+    // Same address, same --image-dir: the new backup loads what the killed one stored.
+    let (b1, b1_metrics) =
+        r.backup_args(&b_addr, "backup", Some(&b2_addr), image_dir.as_deref())?;
     r.spawn("backup-new", "backup", b1, Some(b1_metrics))?;
-    if !r.check_log(
-        "primary re-protected by a new backup (full sync)",
-        "primary",
-        "PROTECTED: the backup committed",
-        2,
-        Duration::from_secs(120),
+    let timeout = Duration::from_secs(120);
+    let reprotected = r.wait_until(timeout, |r| {
+        r.err("primary")
+            .get(lost_at..)
+            .is_some_and(|l| l.contains(COMMITTED))
+            .then_some(())
+    });
+    if !r.check(
+        "primary re-protected by the restarted backup",
+        false,
+        reprotected.is_none().then(|| {
+            format!("no {COMMITTED:?} in the primary's log after the loss within {timeout:?}")
+        }),
     ) {
         return Ok(("backup", protected.as_secs_f64()));
     }
     r.backup_losses += 1;
-    r.lag_from = LagFrom::new(metrics, "primary, new backup after a full re-sync");
+    let plog = r.err("primary");
+    r.resync = resync_after_loss(&plog, lost_at);
+    let kind = r.resync.as_ref().map(|x| x.kind);
+    if !args.no_persist {
+        let failure = match kind {
+            Some("delta") => None,
+            Some(_) => Some(format!(
+                "a full sync instead of a delta resync: {}",
+                why_not_resumed(&plog[lost_at..], &r.err("backup-new"))
+            )),
+            None => Some(format!(
+                "no {DELTA_SENT:?} or {FULL_SENT:?} in the primary's log after the loss"
+            )),
+        };
+        r.check(
+            "restarted backup resumed with a delta resync",
+            false,
+            failure,
+        );
+    }
+    let source = if kind == Some("delta") {
+        "primary, restarted backup after a delta resync"
+    } else {
+        "primary, restarted backup after a full sync"
+    };
+    r.lag_from = LagFrom::new(metrics, source);
     r.sleep(Duration::from_secs_f64(rng.between(2.0, 5.0)));
     let out = r.out("primary");
     let ticks = ledger_ticks(&out);
@@ -635,6 +841,27 @@ fn pct(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank - 1])
 }
 
+/// Bytes in MB (10^6, as the tests' delta figures are).
+fn fmt_mb(v: Option<f64>) -> String {
+    v.map_or("-".into(), |b| format!("{:.1} MB", b / 1e6))
+}
+
+fn fmt_pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |p| format!("{p:.1}%"))
+}
+
+/// The round line's resync part: `  resync delta 8.1 MB = 12.0% of 67.8 MB, 1935 pages`.
+fn fmt_resync(x: &Resync) -> String {
+    let pages = x.pages.map_or(String::new(), |p| format!(", {p} pages"));
+    format!(
+        "  resync {} {} = {} of {}{pages}",
+        x.kind,
+        fmt_mb(x.wire_bytes.map(|b| b as f64)),
+        fmt_pct(x.pct_of_full()),
+        fmt_mb(x.first_full_sync_wire_bytes.map(|b| b as f64)),
+    )
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.0} MiB", kib as f64 / 1024.0)
 }
@@ -652,9 +879,16 @@ pub fn run(args: SoakArgs) -> Result<i32> {
     let mut all = Samples::default();
     let mut reports = Vec::new();
     eprintln!(
-        "soak: {} min, ledger {} guest, relay loss {} delay {} each way, timeouts {}, seed {seed}; \
-         {NOTE}",
-        args.minutes, args.memory, args.loss, args.delay, args.timeout
+        "soak: {} min, ledger {} guest (pages {}, rate {}), relay loss {} delay {} each way, timeouts {}, seed {seed}; \
+         {}",
+        args.minutes,
+        args.memory,
+        args.ledger_pages.as_deref().unwrap_or("default"),
+        args.ledger_rate.as_deref().unwrap_or("default"),
+        args.loss,
+        args.delay,
+        args.timeout,
+        note(!args.no_persist)
     );
     let mut n = 0;
     while started.elapsed().as_secs_f64() < args.minutes * 60.0 {
@@ -683,6 +917,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             rto_ms: Vec::new(),
             failovers: 0,
             backup_losses: 0,
+            resync: None,
         };
         let (killed, protected_s) = match round(&mut r, &mut rng) {
             Ok(k) => k,
@@ -713,6 +948,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             max_lag_ms: lag.last().map(|l| l * 1e3),
             max_steady_lag_ms: steady_max.map(|l| l * 1e3),
             checks: r.checks.clone(),
+            resync: r.resync.clone(),
             kept_dir,
             wall_s: t.elapsed().as_secs_f64(),
         };
@@ -736,7 +972,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             .collect();
         eprintln!(
             "round {n} [{:>5.0} s]: protected {:>4.1} s, killed {:<7} {}  checks {}/{}  \
-             failovers {}  backup losses {}  RTO {} ms  max lag {} ms (steady {})  load {}{}{}",
+             failovers {}  backup losses {}  RTO {} ms  max lag {} ms (steady {}){}  load {}{}{}",
             started.elapsed().as_secs_f64(),
             protected_s,
             killed,
@@ -753,6 +989,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
                 .join(","),
             fmt_ms(report.max_lag_ms),
             fmt_ms(report.max_steady_lag_ms),
+            report.resync.as_ref().map_or(String::new(), fmt_resync),
             loadavg(),
             if failed.is_empty() {
                 String::new()
@@ -778,10 +1015,32 @@ pub fn run(args: SoakArgs) -> Result<i32> {
     lag.sort_by(f64::total_cmp);
     let mut steady = all.steady.clone();
     steady.sort_by(f64::total_cmp);
+    let resyncs = || reports.iter().filter_map(|r| r.resync.as_ref());
+    let deltas = || resyncs().filter(|x| x.kind == "delta");
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let delta_bytes = sorted(
+        deltas()
+            .filter_map(|x| x.wire_bytes)
+            .map(|b| b as f64)
+            .collect(),
+    );
+    let delta_pct = sorted(deltas().filter_map(Resync::pct_of_full).collect());
+    let delta_pages = sorted(deltas().filter_map(|x| x.pages).map(|p| p as f64).collect());
+    let full_bytes = sorted(
+        resyncs()
+            .filter_map(|x| x.first_full_sync_wire_bytes)
+            .map(|b| b as f64)
+            .collect(),
+    );
     let summary = Summary {
         minutes: args.minutes,
         seed,
         memory: args.memory.clone(),
+        ledger_pages: args.ledger_pages.clone(),
+        ledger_rate: args.ledger_rate.clone(),
         loss: args.loss.clone(),
         delay: args.delay.clone(),
         timeout: args.timeout.clone(),
@@ -806,10 +1065,20 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             .flat_map(|r| r.rto_ms.iter().copied())
             .max_by(f64::total_cmp),
         memory_high_water: all.mem.clone(),
+        persist: !args.no_persist,
+        delta_resyncs: deltas().count(),
+        full_resyncs: resyncs().filter(|x| x.kind == "full").count(),
+        delta_wire_bytes_p50: pct(&delta_bytes, 0.5),
+        delta_wire_bytes_max: delta_bytes.last().copied(),
+        delta_pct_of_full_p50: pct(&delta_pct, 0.5),
+        delta_pct_of_full_max: delta_pct.last().copied(),
+        delta_pages_p50: pct(&delta_pages, 0.5),
+        delta_pages_max: delta_pages.last().copied(),
+        full_sync_wire_bytes_p50: pct(&full_bytes, 0.5),
         loadavg_before,
         loadavg_after: loadavg(),
         loadavg1_max: all.loadavg1_max,
-        note: NOTE,
+        note: note(!args.no_persist),
         wall_s: started.elapsed().as_secs_f64(),
         round_reports: reports,
     };
@@ -834,6 +1103,8 @@ pub fn run(args: SoakArgs) -> Result<i32> {
              lag from {:?} on after a node became protected ({} samples): p99 {} ms, max {} ms\n\
              max lag by source: {}\n\
              memory high-water: primary {}; backup {}; witness {}; relay {}\n\
+             resync of a restarted backup: {} delta, {} full; delta on the wire p50 {} max {} \
+             (p50 {} max {} of the round's first full sync, p50 {}); pages changed p50 {} max {}\n\
              load average before {}, after {}, 1-min max {:.2}\n\
              note: {}",
             summary.wall_s / 60.0,
@@ -865,6 +1136,19 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             mem("backup"),
             mem("witness"),
             mem("relay"),
+            summary.delta_resyncs,
+            summary.full_resyncs,
+            fmt_mb(summary.delta_wire_bytes_p50),
+            fmt_mb(summary.delta_wire_bytes_max),
+            fmt_pct(summary.delta_pct_of_full_p50),
+            fmt_pct(summary.delta_pct_of_full_max),
+            fmt_mb(summary.full_sync_wire_bytes_p50),
+            summary
+                .delta_pages_p50
+                .map_or("-".into(), |p| format!("{p:.0}")),
+            summary
+                .delta_pages_max
+                .map_or("-".into(), |p| format!("{p:.0}")),
             summary.loadavg_before,
             summary.loadavg_after,
             summary.loadavg1_max,
@@ -884,6 +1168,72 @@ mod tests {
         assert_eq!(status_kib(st, "VmHWM:"), Some(204_800));
         assert_eq!(status_kib(st, "RssAnon:"), Some(1024));
         assert_eq!(status_kib(st, "VmRSS:"), None);
+    }
+
+    const PLOG: &str = "\
+T0  INFO understudy_primary::session: full sync sent epochs=2 wire_bytes=67800000
+T1  INFO understudy_primary::session: PROTECTED: the backup committed a consistent epoch
+T2  WARN understudy_primary::session: UNPROTECTED: lost the backup; reconnecting
+T3  INFO understudy_primary::session: delta resync: the backup kept an earlier image; sending only the pages changed since pages=9 of=32768 since_clock=5
+T4  INFO understudy_primary::session: delta resync: the backup kept an earlier image; sending only the pages changed since pages=1935 of=32768 since_clock=7
+T5  INFO understudy_primary::session: delta resync sent epochs=2 wire_bytes=8100000
+T6  INFO understudy_primary::session: PROTECTED: the backup committed a consistent epoch
+T7  INFO understudy_primary::session: full sync sent epochs=2 wire_bytes=1
+";
+
+    #[test]
+    fn the_resync_after_the_loss_is_read_against_the_first_full_sync() {
+        let x = resync_after_loss(PLOG, PLOG.find(LOST).unwrap()).unwrap();
+        assert_eq!(
+            x,
+            Resync {
+                kind: "delta",
+                wire_bytes: Some(8_100_000),
+                pages: Some(1935),
+                of_pages: Some(32768),
+                first_full_sync_wire_bytes: Some(67_800_000),
+            }
+        );
+        assert!((x.pct_of_full().unwrap() - 11.946).abs() < 0.01);
+    }
+
+    #[test]
+    fn a_full_sync_after_the_loss_is_reported_as_full_with_its_reason() {
+        let plog = PLOG
+            .replace("delta resync sent", "full sync sent")
+            .replace("delta resync: the backup kept", "the backup kept an image this primary did not send or no longer remembers; reconnecting for a full sync");
+        let x = resync_after_loss(&plog, plog.find(LOST).unwrap()).unwrap();
+        assert_eq!(
+            (x.kind, x.wire_bytes, x.pages),
+            ("full", Some(8_100_000), None)
+        );
+        let lost = PLOG.find(LOST).unwrap();
+        assert!(resync_after_loss(&PLOG[..PLOG.find("T3").unwrap()], lost).is_none());
+        let why = why_not_resumed(&plog, "T  WARN understudy_backup::session: the stored image cannot be resumed from error=torn");
+        assert!(why.contains("primary: the backup kept an image"), "{why}");
+        assert!(
+            why.contains("backup-new: the stored image cannot be resumed from error=torn"),
+            "{why}"
+        );
+        assert!(
+            why.contains("no \"resuming from the stored image\""),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_loss_is_the_last_one_and_only_while_unprotected() {
+        // Protected, lost (the relay), protected again by the same backup, then the kill.
+        let first = PLOG.find(LOST).unwrap();
+        let twice = format!("{PLOG}T8  WARN x: {LOST}; reconnecting\n");
+        assert_eq!(unprotected_at(PLOG), None);
+        assert_eq!(
+            unprotected_at(&PLOG[..PLOG.find("T3").unwrap()]),
+            Some(first)
+        );
+        let last = unprotected_at(&twice).unwrap();
+        assert!(last > first);
+        assert_eq!(resync_after_loss(&twice, last), None);
     }
 
     #[test]
