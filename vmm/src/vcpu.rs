@@ -11,6 +11,7 @@
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -18,8 +19,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::SerialConsole;
 use crate::guests::layout::EXIT_PORT;
-use crate::state::vcpu::KvmVcpu;
-use crate::state::{Persist, VcpuState, VcpuStateError};
+use crate::state::vcpu::{KvmVcpu, SaveSteps};
+use crate::state::{VcpuState, VcpuStateError};
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -78,7 +79,20 @@ struct Ctl {
     saved_seq: u64,
     parked: bool,
     saved: Option<Result<VcpuState, VcpuStateError>>,
+    /// Where the time of the save in `saved` went.
+    report: SaveReport,
     done: bool,
+}
+
+/// The vCPU thread's side of one pause, for the pause profile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SaveReport {
+    /// The thread saw the pause request (out of `KVM_RUN`, or between two runs).
+    pub noticed: Instant,
+    /// The state was saved and about to be published.
+    pub saved: Instant,
+    /// Each ioctl of the save.
+    pub steps: SaveSteps,
 }
 
 /// What the controller and a vCPU thread share.
@@ -143,8 +157,8 @@ pub(crate) struct VcpuEnv {
 // would only add an allocation to the pause path.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Parked {
-    /// Parked, with the state it saved (or the error saving it).
-    Saved(Result<VcpuState, VcpuStateError>),
+    /// Parked, with the state it saved (or the error saving it) and where the time went.
+    Saved(Result<VcpuState, VcpuStateError>, SaveReport),
     /// The vCPU thread has ended (the guest stopped).
     Ended,
     /// It did not leave KVM_RUN in time.
@@ -172,6 +186,11 @@ impl VcpuHandle {
                 saved_seq: 0,
                 parked: false,
                 saved: None,
+                report: SaveReport {
+                    noticed: Instant::now(),
+                    saved: Instant::now(),
+                    steps: SaveSteps::default(),
+                },
                 done: false,
             }),
             cv: Condvar::new(),
@@ -186,10 +205,11 @@ impl VcpuHandle {
         })
     }
 
-    fn request(&self, want: Want) {
+    /// Records `want` and kicks the thread unless it is `Run`; returns when the kick was sent.
+    fn request(&self, want: Want) -> Instant {
         let mut c = self.shared.lock();
         if c.done {
-            return;
+            return Instant::now();
         }
         c.want = want;
         if want == Want::Pause {
@@ -198,17 +218,20 @@ impl VcpuHandle {
         }
         drop(c);
         self.shared.cv.notify_all();
+        let kicked = Instant::now();
         if want != Want::Run {
             if let Some(t) = &self.thread {
                 // An error here means the thread already ended, which `done` reports.
                 let _ = t.kill(kick_signal());
             }
         }
+        kicked
     }
 
-    /// Asks the vCPU to leave the guest and park (does not wait).
-    pub(crate) fn kick_pause(&self) {
-        self.request(Want::Pause);
+    /// Asks the vCPU to leave the guest and park (does not wait); returns when the signal
+    /// was sent.
+    pub(crate) fn kick_pause(&self) -> Instant {
+        self.request(Want::Pause)
     }
 
     /// Waits until the vCPU is parked with its state saved for the latest pause request.
@@ -222,7 +245,7 @@ impl VcpuHandle {
             })
             .unwrap_or_else(|e| e.into_inner());
         match c.saved.take() {
-            Some(s) if c.parked => Parked::Saved(s),
+            Some(s) if c.parked => Parked::Saved(s, c.report),
             _ if c.done => Parked::Ended,
             _ if t.timed_out() => Parked::TimedOut,
             _ => Parked::Ended,
@@ -272,14 +295,21 @@ fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReaso
             // for that pause instead of the controller waiting for a save that never comes.
             while c.want == Want::Pause {
                 if c.saved_seq != c.pause_seq {
+                    let noticed = Instant::now();
                     fd.set_kvm_immediate_exit(0);
+                    let mut steps = SaveSteps::default();
                     let saved = KvmVcpu {
                         fd,
                         msrs: &env.msrs,
                         xsave: env.xsave,
                         lapic: env.lapic,
                     }
-                    .save();
+                    .save_timed(&mut steps);
+                    c.report = SaveReport {
+                        noticed,
+                        saved: Instant::now(),
+                        steps,
+                    };
                     c.saved = Some(saved);
                     c.saved_seq = c.pause_seq;
                     c.parked = true;

@@ -6,6 +6,8 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave, Msrs,
 };
+use std::time::{Duration, Instant};
+
 use kvm_ioctls::VcpuFd;
 
 use super::{Persist, Reader, StateDecodeError, Writer};
@@ -229,6 +231,58 @@ fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vc
     r.map_err(|source| VcpuStateError::Ioctl { what, source })
 }
 
+/// Most steps one save records.
+const MAX_STEPS: usize = 12;
+
+/// How long each step of one vCPU save took (one entry per ioctl), without allocating: a
+/// pause records one per vCPU, and the bench prints them.
+#[derive(Clone, Copy, Debug)]
+pub struct SaveSteps {
+    len: usize,
+    steps: [(&'static str, Duration); MAX_STEPS],
+}
+
+impl Default for SaveSteps {
+    fn default() -> Self {
+        SaveSteps {
+            len: 0,
+            steps: [("", Duration::ZERO); MAX_STEPS],
+        }
+    }
+}
+
+impl SaveSteps {
+    /// Forgets the steps recorded so far.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Records a step (drops it once the array is full).
+    pub fn push(&mut self, what: &'static str, took: Duration) {
+        if let Some(slot) = self.steps.get_mut(self.len) {
+            *slot = (what, took);
+            self.len += 1;
+        }
+    }
+
+    /// The steps, in the order they ran.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        self.steps[..self.len].iter().copied()
+    }
+}
+
+/// Runs one ioctl of a save and records its duration under `what`.
+fn timed<T>(
+    steps: &mut SaveSteps,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, kvm_ioctls::Error>,
+) -> Result<T, VcpuStateError> {
+    let t = Instant::now();
+    let r = f();
+    steps.push(what, t.elapsed());
+    ioctl(what, r)
+}
+
 /// A vCPU's file descriptor together with what the host lets us save of it.
 pub struct KvmVcpu<'a> {
     /// The vCPU.
@@ -258,13 +312,9 @@ impl KvmVcpu<'_> {
             })
             .collect()
     }
-}
 
-impl Persist for KvmVcpu<'_> {
-    type State = VcpuState;
-    type Error = VcpuStateError;
-
-    fn save(&self) -> Result<VcpuState, VcpuStateError> {
+    /// [`Persist::save`], recording how long each ioctl took in `steps`.
+    pub fn save_timed(&self, steps: &mut SaveSteps) -> Result<VcpuState, VcpuStateError> {
         let fd = self.fd;
         let entries: Vec<_> = self
             .msrs
@@ -278,7 +328,7 @@ impl Persist for KvmVcpu<'_> {
             done: 0,
             wanted: entries.len(),
         })?;
-        let done = ioctl("KVM_GET_MSRS", fd.get_msrs(&mut msrs))?;
+        let done = timed(steps, "KVM_GET_MSRS", || fd.get_msrs(&mut msrs))?;
         if done != entries.len() {
             return Err(VcpuStateError::Msrs {
                 done,
@@ -286,29 +336,40 @@ impl Persist for KvmVcpu<'_> {
             });
         }
         Ok(VcpuState {
-            regs: ioctl("KVM_GET_REGS", fd.get_regs())?,
-            sregs: ioctl("KVM_GET_SREGS", fd.get_sregs())?,
-            fpu: ioctl("KVM_GET_FPU", fd.get_fpu())?,
+            regs: timed(steps, "KVM_GET_REGS", || fd.get_regs())?,
+            sregs: timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?,
+            fpu: timed(steps, "KVM_GET_FPU", || fd.get_fpu())?,
             xsave: if self.xsave {
-                Some(XsaveArea(ioctl("KVM_GET_XSAVE", fd.get_xsave())?.region))
+                Some(XsaveArea(
+                    timed(steps, "KVM_GET_XSAVE", || fd.get_xsave())?.region,
+                ))
             } else {
                 None
             },
             xcrs: if self.xsave {
-                Some(ioctl("KVM_GET_XCRS", fd.get_xcrs())?)
+                Some(timed(steps, "KVM_GET_XCRS", || fd.get_xcrs())?)
             } else {
                 None
             },
-            debugregs: ioctl("KVM_GET_DEBUGREGS", fd.get_debug_regs())?,
-            events: ioctl("KVM_GET_VCPU_EVENTS", fd.get_vcpu_events())?,
-            mp_state: ioctl("KVM_GET_MP_STATE", fd.get_mp_state())?,
+            debugregs: timed(steps, "KVM_GET_DEBUGREGS", || fd.get_debug_regs())?,
+            events: timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?,
+            mp_state: timed(steps, "KVM_GET_MP_STATE", || fd.get_mp_state())?,
             lapic: if self.lapic {
-                Some(ioctl("KVM_GET_LAPIC", fd.get_lapic())?)
+                Some(timed(steps, "KVM_GET_LAPIC", || fd.get_lapic())?)
             } else {
                 None
             },
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
         })
+    }
+}
+
+impl Persist for KvmVcpu<'_> {
+    type State = VcpuState;
+    type Error = VcpuStateError;
+
+    fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        self.save_timed(&mut SaveSteps::default())
     }
 
     fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuStateError> {
