@@ -2,11 +2,12 @@
 //! host allows it), XCRs, pending events, MP state, the MSRs that matter (TSC included) and, for
 //! VMs with an in-kernel irqchip, the local APIC.
 
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs,
-};
 use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_sync_regs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MP_STATE_RUNNABLE,
+};
 
 use kvm_ioctls::VcpuFd;
 
@@ -58,14 +59,15 @@ unsafe impl Pod for kvm_mp_state {}
 // SAFETY: as above.
 unsafe impl Pod for kvm_lapic_state {}
 
-fn put<T: Pod>(w: &mut Writer, v: &T) {
+fn bytes_of<T: Pod>(v: &T) -> &[u8] {
     // SAFETY: `T: Pod` is integers only, so viewing its `size_of::<T>()` bytes as `u8` reads
     // initialised memory (values come from the kernel or `Default`, which zero every byte of
     // these repr(C) structs) and the slice lives no longer than the borrow of `v`.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
-    };
-    w.bytes(bytes);
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+fn put<T: Pod>(w: &mut Writer, v: &T) {
+    w.bytes(bytes_of(v));
 }
 
 fn get<T: Pod>(r: &mut Reader<'_>) -> Result<T, StateDecodeError> {
@@ -116,6 +118,36 @@ impl XsaveArea {
             region: self.0,
             ..Default::default()
         }
+    }
+
+    /// The x87/SSE state as `KVM_GET_FPU` reports it, read from the area's legacy 512 bytes
+    /// (the FXSAVE layout, which `KVM_GET_FPU` copies field by field: FCW 0, FSW 2, abridged
+    /// FTW 4, FOP 6, FIP 8, FDP 16, ST0-7 from 32, XMM0-15 from 160). Like the ioctl it leaves
+    /// `mxcsr` 0: KVM never reports MXCSR there (it is at byte 24 of the XSAVE area), and the
+    /// vCPU tests compare this with `KVM_GET_FPU` byte for byte.
+    pub fn fpu(&self) -> kvm_fpu {
+        let mut b = [0u8; 512];
+        for (bytes, word) in b.chunks_exact_mut(4).zip(&self.0) {
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let mut f = kvm_fpu {
+            fcw: u16_at(0),
+            fsw: u16_at(2),
+            ftwx: b[4],
+            last_opcode: u16_at(6),
+            last_ip: u64_at(8),
+            last_dp: u64_at(16),
+            ..Default::default()
+        };
+        for (i, r) in f.fpr.iter_mut().enumerate() {
+            r.copy_from_slice(&b[32 + 16 * i..48 + 16 * i]);
+        }
+        for (i, r) in f.xmm.iter_mut().enumerate() {
+            r.copy_from_slice(&b[160 + 16 * i..176 + 16 * i]);
+        }
+        f
     }
 }
 
@@ -208,6 +240,43 @@ impl VcpuState {
         })
     }
 
+    /// The first part in which two saves of a vCPU that did not run in between differ, leaving
+    /// out the TSC (it moves between the two).
+    pub fn first_difference(&self, other: &VcpuState) -> Option<&'static str> {
+        fn same<T: Pod>(a: &T, b: &T) -> bool {
+            bytes_of(a) == bytes_of(b)
+        }
+        fn same_opt<T: Pod>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => same(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let not_tsc = |m: &&(u32, u64)| m.0 != 0x10;
+        [
+            ("regs", same(&self.regs, &other.regs)),
+            ("sregs", same(&self.sregs, &other.sregs)),
+            ("fpu", same(&self.fpu, &other.fpu)),
+            ("xsave", same_opt(&self.xsave, &other.xsave)),
+            ("xcrs", same_opt(&self.xcrs, &other.xcrs)),
+            ("debugregs", same(&self.debugregs, &other.debugregs)),
+            ("events", same(&self.events, &other.events)),
+            ("mp_state", same(&self.mp_state, &other.mp_state)),
+            ("lapic", same_opt(&self.lapic, &other.lapic)),
+            (
+                "msrs",
+                self.msrs
+                    .iter()
+                    .filter(not_tsc)
+                    .eq(other.msrs.iter().filter(not_tsc)),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, same)| !same)
+        .map(|(what, _)| what)
+    }
+
     /// The guest's TSC at the moment of the save, if it was saved.
     pub fn tsc(&self) -> Option<u64> {
         self.msrs.iter().find(|(i, _)| *i == 0x10).map(|(_, v)| *v)
@@ -225,6 +294,8 @@ pub enum VcpuStateError {
     },
     #[error("the host accepted {done} of {wanted} MSRs")]
     Msrs { done: usize, wanted: usize },
+    #[error("the state saved at the exit differs from the ioctls' in {0} (debug-build check)")]
+    ExitSaveDiffers(&'static str),
 }
 
 fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuStateError> {
@@ -283,6 +354,21 @@ fn timed<T>(
     ioctl(what, r)
 }
 
+/// Where [`KvmVcpu::save_timed`] takes the state from.
+#[derive(Clone, Copy, Debug)]
+pub enum SaveFrom<'a> {
+    /// One ioctl per part (what [`Persist::save`] does): the reference.
+    Ioctls,
+    /// The registers, segment/control registers and pending events KVM stored in `kvm_run` when
+    /// `KVM_RUN` returned (`KVM_CAP_SYNC_REGS`, all three fields valid). The caller guarantees
+    /// that `KVM_RUN` returned with nothing left to complete (no port I/O or MMIO exit waiting
+    /// for the next `KVM_RUN`) and has not been called since. Saves three ioctls, and two more:
+    /// the x87/SSE block is read out of the XSAVE area when there is one, and without an
+    /// in-kernel LAPIC the MP state is `KVM_MP_STATE_RUNNABLE`, which KVM never changes then
+    /// (a HLT exits to us instead of halting, and only the LAPIC's INIT/SIPI and SMM move it).
+    Exit(&'a kvm_sync_regs),
+}
+
 /// A vCPU's file descriptor together with what the host lets us save of it.
 pub struct KvmVcpu<'a> {
     /// The vCPU.
@@ -313,8 +399,13 @@ impl KvmVcpu<'_> {
             .collect()
     }
 
-    /// [`Persist::save`], recording how long each ioctl took in `steps`.
-    pub fn save_timed(&self, steps: &mut SaveSteps) -> Result<VcpuState, VcpuStateError> {
+    /// Saves the vCPU's state, from the ioctls or partly from the last exit (see
+    /// [`SaveFrom`]), recording how long each ioctl took in `steps`.
+    pub fn save_timed(
+        &self,
+        from: SaveFrom<'_>,
+        steps: &mut SaveSteps,
+    ) -> Result<VcpuState, VcpuStateError> {
         let fd = self.fd;
         let entries: Vec<_> = self
             .msrs
@@ -335,30 +426,52 @@ impl KvmVcpu<'_> {
                 wanted: entries.len(),
             });
         }
+        let xsave = if self.xsave {
+            Some(XsaveArea(
+                timed(steps, "KVM_GET_XSAVE", || fd.get_xsave())?.region,
+            ))
+        } else {
+            None
+        };
+        let xcrs = if self.xsave {
+            Some(timed(steps, "KVM_GET_XCRS", || fd.get_xcrs())?)
+        } else {
+            None
+        };
+        let debugregs = timed(steps, "KVM_GET_DEBUGREGS", || fd.get_debug_regs())?;
+        let lapic = if self.lapic {
+            Some(timed(steps, "KVM_GET_LAPIC", || fd.get_lapic())?)
+        } else {
+            None
+        };
+        let (regs, sregs, events) = match from {
+            SaveFrom::Exit(s) => (s.regs, s.sregs, s.events),
+            SaveFrom::Ioctls => (
+                timed(steps, "KVM_GET_REGS", || fd.get_regs())?,
+                timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?,
+                timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?,
+            ),
+        };
+        let fpu = match (from, &xsave) {
+            (SaveFrom::Exit(_), Some(x)) => x.fpu(),
+            _ => timed(steps, "KVM_GET_FPU", || fd.get_fpu())?,
+        };
+        let mp_state = match from {
+            SaveFrom::Exit(_) if !self.lapic => kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            },
+            _ => timed(steps, "KVM_GET_MP_STATE", || fd.get_mp_state())?,
+        };
         Ok(VcpuState {
-            regs: timed(steps, "KVM_GET_REGS", || fd.get_regs())?,
-            sregs: timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?,
-            fpu: timed(steps, "KVM_GET_FPU", || fd.get_fpu())?,
-            xsave: if self.xsave {
-                Some(XsaveArea(
-                    timed(steps, "KVM_GET_XSAVE", || fd.get_xsave())?.region,
-                ))
-            } else {
-                None
-            },
-            xcrs: if self.xsave {
-                Some(timed(steps, "KVM_GET_XCRS", || fd.get_xcrs())?)
-            } else {
-                None
-            },
-            debugregs: timed(steps, "KVM_GET_DEBUGREGS", || fd.get_debug_regs())?,
-            events: timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?,
-            mp_state: timed(steps, "KVM_GET_MP_STATE", || fd.get_mp_state())?,
-            lapic: if self.lapic {
-                Some(timed(steps, "KVM_GET_LAPIC", || fd.get_lapic())?)
-            } else {
-                None
-            },
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            debugregs,
+            events,
+            mp_state,
+            lapic,
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
         })
     }
@@ -369,7 +482,7 @@ impl Persist for KvmVcpu<'_> {
     type Error = VcpuStateError;
 
     fn save(&self) -> Result<VcpuState, VcpuStateError> {
-        self.save_timed(&mut SaveSteps::default())
+        self.save_timed(SaveFrom::Ioctls, &mut SaveSteps::default())
     }
 
     fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuStateError> {
