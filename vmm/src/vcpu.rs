@@ -19,7 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::SerialConsole;
 use crate::guests::layout::EXIT_PORT;
-use crate::state::vcpu::{KvmVcpu, SaveFrom, SaveSteps};
+use crate::state::vcpu::{ExitSaveCache, KvmVcpu, SaveFrom, SaveSteps};
 use crate::state::{VcpuState, VcpuStateError};
 
 thread_local! {
@@ -296,7 +296,12 @@ fn run_thread(mut fd: VcpuFd, env: VcpuEnv, shared: &Shared) {
 }
 
 /// Saves a parked vCPU whose last `KVM_RUN` returned with nothing left to complete.
-fn save(fd: &VcpuFd, env: &VcpuEnv, steps: &mut SaveSteps) -> Result<VcpuState, VcpuStateError> {
+fn save(
+    fd: &VcpuFd,
+    env: &VcpuEnv,
+    cache: &mut ExitSaveCache,
+    steps: &mut SaveSteps,
+) -> Result<VcpuState, VcpuStateError> {
     let vcpu = KvmVcpu {
         fd,
         msrs: &env.msrs,
@@ -306,8 +311,8 @@ fn save(fd: &VcpuFd, env: &VcpuEnv, steps: &mut SaveSteps) -> Result<VcpuState, 
     if !env.sync_regs {
         return vcpu.save_timed(SaveFrom::Ioctls, steps);
     }
-    let exit = fd.sync_regs();
-    let state = vcpu.save_timed(SaveFrom::Exit(&exit), steps)?;
+    let regs = fd.sync_regs();
+    let state = vcpu.save_timed(SaveFrom::Exit { regs: &regs, cache }, steps)?;
     if cfg!(debug_assertions) {
         // Tests run debug builds: every pause there proves the shortcut equal to the ioctls.
         let reference = vcpu.save_timed(SaveFrom::Ioctls, &mut SaveSteps::default())?;
@@ -327,6 +332,7 @@ fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReaso
     let mut settled = false;
     // The pause being served: when this thread saw it, and the steps of its save so far.
     let mut serving: Option<(Instant, SaveSteps)> = None;
+    let mut cache = ExitSaveCache::default();
     loop {
         let finishing_exit;
         {
@@ -346,7 +352,7 @@ fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReaso
                     let seq = c.pause_seq;
                     drop(c);
                     fd.set_kvm_immediate_exit(0);
-                    let saved = save(fd, env, &mut steps);
+                    let saved = save(fd, env, &mut cache, &mut steps);
                     let report = SaveReport {
                         noticed,
                         saved: Instant::now(),

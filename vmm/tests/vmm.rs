@@ -273,6 +273,59 @@ fn pauses_during_port_io_restore_without_repeating_it() {
     );
 }
 
+/// A pause skips reading XCR0 and the debug registers of a vCPU confined to CPL3
+/// (`confined_to_cpl3`): the built-in start state is confined, and every way out of CPL3 (or to
+/// XCR0 and DR7 directly) ends the VM with a shutdown instead of running CPL0 code.
+#[test]
+fn cpl3_guests_cannot_reach_cpl0() {
+    require_kvm();
+    let spin = [0xeb, 0xfe]; // jmp $
+    let sink = MemorySink::default();
+    let boot = Boot::Program {
+        code: &spin,
+        entry: CODE_GPA,
+    };
+    let gate = || OutputGate::passthrough(Box::new(sink.clone()));
+    let mut vm = Vm::boot(&VmConfig::new(16 << 20), boot, gate()).unwrap();
+    vm.pause().unwrap();
+    let s = &vm.state().unwrap().vcpus[0];
+    assert!(
+        understudy_vmm::state::vcpu::confined_to_cpl3(&s.sregs, &s.msrs, false),
+        "{:?}",
+        s.sregs
+    );
+    drop(vm);
+    for (what, code) in [
+        (
+            "xsetbv",
+            &[0x31, 0xc9, 0x31, 0xd2, 0xb8, 3, 0, 0, 0, 0x0f, 0x01, 0xd1][..],
+        ),
+        ("mov dr7, rax", &[0x31, 0xc0, 0x0f, 0x23, 0xf8]),
+        ("syscall", &[0x0f, 0x05]),
+        ("sysenter", &[0x0f, 0x34]),
+        ("int 0x80", &[0xcd, 0x80]),
+        ("int3", &[0xcc]),
+        ("ud2", &[0x0f, 0x0b]),
+        ("div by 0", &[0x31, 0xc9, 0xf7, 0xf1]),
+        (
+            "TF single step",
+            &[0x68, 0x02, 0x31, 0, 0, 0x9d, 0x90, 0x90],
+        ),
+        ("call far [0] (gate)", &[0xff, 0x1c, 0x25, 0, 0, 0, 0]),
+    ] {
+        let boot = Boot::Program {
+            code,
+            entry: CODE_GPA,
+        };
+        let vm = Vm::boot(&VmConfig::new(16 << 20), boot, gate()).unwrap();
+        assert_eq!(
+            vm.wait_exit(Duration::from_secs(2)),
+            Some(understudy_vmm::ExitReason::Shutdown),
+            "{what}"
+        );
+    }
+}
+
 /// Two vCPUs: both pause, both states saved, the workload on vCPU 0 continues.
 #[test]
 fn two_vcpus_pause_and_resume() {

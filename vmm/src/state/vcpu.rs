@@ -31,6 +31,10 @@ pub const MSRS_OF_INTEREST: &[u32] = &[
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0103, // TSC_AUX
 ];
+/// IA32_SYSENTER_CS.
+const MSR_SYSENTER_CS: u32 = 0x174;
+/// EFER.SCE: SYSCALL enabled.
+const EFER_SCE: u64 = 1;
 /// Upper bound on MSR entries in a decoded state.
 const MAX_MSRS: usize = 256;
 
@@ -354,8 +358,37 @@ fn timed<T>(
     ioctl(what, r)
 }
 
+/// Whether a vCPU in this state can never run at CPL0, whatever its code does, until its state
+/// is set from outside: then what only CPL0 can change (XCR0 by XSETBV, DR0-7 by MOV DR) keeps
+/// the value it had when it was last read. It runs at CPL3; the IDT, GDT and LDT have limits of
+/// 0, so no gate, task or code descriptor fits in them and every exception or interrupt ends in
+/// a triple fault, as does an INT n or a far call or jump through a gate; SYSCALL is off
+/// (EFER.SCE) and SYSENTER has no code segment (SYSENTER_CS 0); and there is no in-kernel
+/// LAPIC (KVM injects no interrupt or INIT, and we inject none). A CPL3 guest cannot change any
+/// of these (LIDT, LGDT, LLDT, WRMSR need CPL0), so once true it stays true. The built-in
+/// guests start so (`boot::longmode`); on this PVM host a CPL3 XSETBV, MOV DR7, SYSCALL,
+/// SYSENTER, INT3, INT n, UD2, #DE or TF single step each ended the VM with a shutdown exit.
+pub fn confined_to_cpl3(sregs: &kvm_sregs, msrs: &[(u32, u64)], lapic: bool) -> bool {
+    let sysenter_cs = msrs.iter().find(|(i, _)| *i == MSR_SYSENTER_CS);
+    !lapic
+        && sregs.ss.dpl == 3
+        && sregs.cs.selector & 3 == 3
+        && sregs.idt.limit == 0
+        && sregs.gdt.limit == 0
+        && sregs.ldt.limit == 0
+        && sregs.efer & EFER_SCE == 0
+        && matches!(sysenter_cs, Some((_, cs)) if cs & 0xfffc == 0)
+}
+
+/// What a vCPU thread keeps from one save to the next: the XCRs and debug registers, read while
+/// the vCPU was [confined to CPL3](confined_to_cpl3).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitSaveCache {
+    cpl0_only: Option<(Option<kvm_xcrs>, kvm_debugregs)>,
+}
+
 /// Where [`KvmVcpu::save_timed`] takes the state from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub enum SaveFrom<'a> {
     /// One ioctl per part (what [`Persist::save`] does): the reference.
     Ioctls,
@@ -366,7 +399,14 @@ pub enum SaveFrom<'a> {
     /// the x87/SSE block is read out of the XSAVE area when there is one, and without an
     /// in-kernel LAPIC the MP state is `KVM_MP_STATE_RUNNABLE`, which KVM never changes then
     /// (a HLT exits to us instead of halting, and only the LAPIC's INIT/SIPI and SMM move it).
-    Exit(&'a kvm_sync_regs),
+    /// While the vCPU is [confined to CPL3](confined_to_cpl3), the XCRs and debug registers come
+    /// from `cache`, read at the first such save of the vCPU thread: two ioctls fewer.
+    Exit {
+        /// `kvm_run`'s sync regs.
+        regs: &'a kvm_sync_regs,
+        /// This vCPU thread's cache.
+        cache: &'a mut ExitSaveCache,
+    },
 }
 
 /// A vCPU's file descriptor together with what the host lets us save of it.
@@ -433,34 +473,50 @@ impl KvmVcpu<'_> {
         } else {
             None
         };
-        let xcrs = if self.xsave {
-            Some(timed(steps, "KVM_GET_XCRS", || fd.get_xcrs())?)
-        } else {
-            None
-        };
-        let debugregs = timed(steps, "KVM_GET_DEBUGREGS", || fd.get_debug_regs())?;
+        let msrs: Vec<(u32, u64)> = msrs.as_slice().iter().map(|e| (e.index, e.data)).collect();
         let lapic = if self.lapic {
             Some(timed(steps, "KVM_GET_LAPIC", || fd.get_lapic())?)
         } else {
             None
         };
-        let (regs, sregs, events) = match from {
-            SaveFrom::Exit(s) => (s.regs, s.sregs, s.events),
+        let (regs, sregs, events, cache) = match from {
+            SaveFrom::Exit { regs, cache } => (regs.regs, regs.sregs, regs.events, Some(cache)),
             SaveFrom::Ioctls => (
                 timed(steps, "KVM_GET_REGS", || fd.get_regs())?,
                 timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?,
                 timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?,
+                None,
             ),
         };
-        let fpu = match (from, &xsave) {
-            (SaveFrom::Exit(_), Some(x)) => x.fpu(),
+        let from_exit = cache.is_some();
+        let confined = from_exit && confined_to_cpl3(&sregs, &msrs, self.lapic);
+        let (xcrs, debugregs) = match cache {
+            Some(ExitSaveCache {
+                cpl0_only: Some(kept),
+            }) if confined => *kept,
+            cache => {
+                let xcrs = if self.xsave {
+                    Some(timed(steps, "KVM_GET_XCRS", || fd.get_xcrs())?)
+                } else {
+                    None
+                };
+                let debugregs = timed(steps, "KVM_GET_DEBUGREGS", || fd.get_debug_regs())?;
+                if let Some(cache) = cache {
+                    cache.cpl0_only = confined.then_some((xcrs, debugregs));
+                }
+                (xcrs, debugregs)
+            }
+        };
+        let fpu = match &xsave {
+            Some(x) if from_exit => x.fpu(),
             _ => timed(steps, "KVM_GET_FPU", || fd.get_fpu())?,
         };
-        let mp_state = match from {
-            SaveFrom::Exit(_) if !self.lapic => kvm_mp_state {
+        let mp_state = if from_exit && !self.lapic {
+            kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
-            },
-            _ => timed(steps, "KVM_GET_MP_STATE", || fd.get_mp_state())?,
+            }
+        } else {
+            timed(steps, "KVM_GET_MP_STATE", || fd.get_mp_state())?
         };
         Ok(VcpuState {
             regs,
@@ -472,7 +528,7 @@ impl KvmVcpu<'_> {
             events,
             mp_state,
             lapic,
-            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+            msrs,
         })
     }
 }
