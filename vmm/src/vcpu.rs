@@ -10,18 +10,24 @@
 //!
 //! The save, on the vCPU thread (where the time goes: `Vm::pause_profile`, and the bench's
 //! pause rows). Every vCPU ioctl costs ~5 us on PVM whatever it copies, so a pause uses as few
-//! as it can:
+//! as it can (`SaveFrom::Pause`):
 //!
 //! ```text
-//!  kick ─> KVM_RUN returns EINTR ─> save ─────────────────────────────────────> ack
-//!          regs, sregs, events       KVM_GET_MSRS (TSC and the rest), KVM_GET_XSAVE
-//!          already in kvm_run        XCRs, debug regs: read once while confined to CPL3
-//!          (KVM_CAP_SYNC_REGS)       FPU from the XSAVE area; MP state RUNNABLE without LAPIC
+//!  kick ─> KVM_RUN returns EINTR ─> save ─────────────────────────────────────────> ack
+//!                                   KVM_GET_MSRS (TSC and the rest), KVM_GET_XSAVE,
+//!                                   KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS;
+//!                                   XCRs, debug regs: read once while confined to CPL3;
+//!                                   FPU from the XSAVE area; MP state RUNNABLE without LAPIC
 //! ```
 //!
+//! Not `KVM_CAP_SYNC_REGS` (regs, sregs and events copied into `kvm_run` at every exit, three
+//! ioctls fewer): with it on, this PVM host stalled the guest for whole epochs and stopped it
+//! between a page fill and its progress count far more often (the dirty-set test failed 6 of 55
+//! runs, 0 of 55 without; no page went unreported), for a reason not found.
+//!
 //! A pause that finds the thread handling a port I/O or MMIO exit first enters `KVM_RUN` once
-//! more with `immediate_exit` set, so that KVM finishes that instruction (and refreshes the
-//! registers in `kvm_run`) before the state is saved.
+//! more with `immediate_exit` set, so that KVM finishes that instruction before the state is
+//! saved.
 
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
@@ -29,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::SerialConsole;
@@ -165,8 +171,6 @@ pub(crate) struct VcpuEnv {
     pub msrs: Arc<[u32]>,
     pub xsave: bool,
     pub lapic: bool,
-    /// KVM stores regs, sregs and events in `kvm_run` at every exit (`KVM_CAP_SYNC_REGS`).
-    pub sync_regs: bool,
 }
 
 /// The outcome of waiting for a vCPU to park.
@@ -290,14 +294,6 @@ impl Drop for VcpuHandle {
 }
 
 fn run_thread(mut fd: VcpuFd, env: VcpuEnv, shared: &Shared) {
-    if env.sync_regs {
-        // KVM then copies these into `kvm_run` as `KVM_RUN` returns: the exit a pause takes
-        // carries them, three ioctls fewer (~5 us each on PVM). It costs every other exit a
-        // copy in the kernel, no ioctl.
-        fd.set_sync_valid_reg(SyncReg::Register);
-        fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
-    }
     KVM_RUN.with(|p| p.set(fd.get_kvm_run()));
     let outcome = run_loop(&mut fd, &env, shared);
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
@@ -323,11 +319,7 @@ fn save(
         xsave: env.xsave,
         lapic: env.lapic,
     };
-    if !env.sync_regs {
-        return vcpu.save_timed(SaveFrom::Ioctls, steps);
-    }
-    let regs = fd.sync_regs();
-    let state = vcpu.save_timed(SaveFrom::Exit { regs: &regs, cache }, steps)?;
+    let state = vcpu.save_timed(SaveFrom::Pause { cache }, steps)?;
     if cfg!(debug_assertions) {
         // Tests run debug builds: every pause there proves the shortcut equal to the ioctls.
         let reference = vcpu.save_timed(SaveFrom::Ioctls, &mut SaveSteps::default())?;
@@ -341,9 +333,9 @@ fn save(
 /// Returns why the guest stopped, or `None` when the controller asked it to.
 fn run_loop(fd: &mut VcpuFd, env: &VcpuEnv, shared: &Shared) -> Option<ExitReason> {
     // Whether the last `KVM_RUN` returned with nothing left to complete, so that the vCPU's
-    // state is whole and (with sync regs) the registers in `kvm_run` are current. Not before the
-    // first run, nor after a port I/O or MMIO exit: the next `KVM_RUN` finishes that instruction
-    // (moves RIP past an OUT, puts an IN's value in RAX); a state saved before would repeat it.
+    // state is whole. Not after a port I/O or MMIO exit: the next `KVM_RUN` finishes that
+    // instruction (moves RIP past an OUT, puts an IN's value in RAX); a state saved before would
+    // repeat it. Not before the first run either, to be safe about what a fresh vCPU holds.
     let mut settled = false;
     // The pause being served: when this thread saw it, and the steps of its save so far.
     let mut serving: Option<(Instant, SaveSteps)> = None;

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_SYNC_X86_VALID_FIELDS,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::{longmode, multiboot};
 use crate::devices::serial::{OutputGate, SerialConsole, SerialStateError};
@@ -187,7 +186,6 @@ struct Prepared {
     vcpu_fds: Vec<VcpuFd>,
     msrs: Arc<[u32]>,
     xsave: bool,
-    sync_regs: bool,
     tsc_khz: u32,
 }
 
@@ -231,16 +229,12 @@ fn prepare(
     let tsc_khz = vcpu_fds[0]
         .get_tsc_khz()
         .map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-    // The value is the set of kvm_run fields KVM can fill at an exit; we use all three.
-    let sync_regs = fd.check_extension_int(Cap::SyncRegs) as u32 & KVM_SYNC_X86_VALID_FIELDS
-        == KVM_SYNC_X86_VALID_FIELDS;
     Ok(Prepared {
         kvm,
         fd,
         vcpu_fds,
         msrs,
         xsave,
-        sync_regs,
         tsc_khz,
     })
 }
@@ -455,7 +449,6 @@ impl Vm {
                 msrs: Arc::clone(&p.msrs),
                 xsave: p.xsave,
                 lapic: irqchip,
-                sync_regs: p.sync_regs,
             };
             vcpus.push(VcpuHandle::spawn(id, fd, env, paused).map_err(VmError::Thread)?);
         }

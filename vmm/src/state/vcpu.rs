@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_sync_regs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MP_STATE_RUNNABLE,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs, KVM_MP_STATE_RUNNABLE,
 };
 
 use kvm_ioctls::VcpuFd;
@@ -387,23 +387,18 @@ pub struct ExitSaveCache {
     cpl0_only: Option<(Option<kvm_xcrs>, kvm_debugregs)>,
 }
 
-/// Where [`KvmVcpu::save_timed`] takes the state from.
+/// How [`KvmVcpu::save_timed`] reads the state.
 #[derive(Debug)]
 pub enum SaveFrom<'a> {
     /// One ioctl per part (what [`Persist::save`] does): the reference.
     Ioctls,
-    /// The registers, segment/control registers and pending events KVM stored in `kvm_run` when
-    /// `KVM_RUN` returned (`KVM_CAP_SYNC_REGS`, all three fields valid). The caller guarantees
-    /// that `KVM_RUN` returned with nothing left to complete (no port I/O or MMIO exit waiting
-    /// for the next `KVM_RUN`) and has not been called since. Saves three ioctls, and two more:
-    /// the x87/SSE block is read out of the XSAVE area when there is one, and without an
-    /// in-kernel LAPIC the MP state is `KVM_MP_STATE_RUNNABLE`, which KVM never changes then
-    /// (a HLT exits to us instead of halting, and only the LAPIC's INIT/SIPI and SMM move it).
-    /// While the vCPU is [confined to CPL3](confined_to_cpl3), the XCRs and debug registers come
-    /// from `cache`, read at the first such save of the vCPU thread: two ioctls fewer.
-    Exit {
-        /// `kvm_run`'s sync regs.
-        regs: &'a kvm_sync_regs,
+    /// A vCPU thread saving at a pause, with fewer ioctls (each costs ~5 us on PVM whatever it
+    /// copies): the x87/SSE block is read out of the XSAVE area when there is one; without an
+    /// in-kernel LAPIC the MP state is `KVM_MP_STATE_RUNNABLE`, which KVM never changes then (a
+    /// HLT exits to us instead of halting, and only the LAPIC's INIT/SIPI and SMM move it); and
+    /// while the vCPU is [confined to CPL3](confined_to_cpl3) the XCRs and debug registers come
+    /// from `cache`, read at the first such save of the thread.
+    Pause {
         /// This vCPU thread's cache.
         cache: &'a mut ExitSaveCache,
     },
@@ -439,8 +434,7 @@ impl KvmVcpu<'_> {
             .collect()
     }
 
-    /// Saves the vCPU's state, from the ioctls or partly from the last exit (see
-    /// [`SaveFrom`]), recording how long each ioctl took in `steps`.
+    /// Saves the vCPU's state (see [`SaveFrom`]), recording how long each ioctl took in `steps`.
     pub fn save_timed(
         &self,
         from: SaveFrom<'_>,
@@ -479,14 +473,12 @@ impl KvmVcpu<'_> {
         } else {
             None
         };
-        let (regs, sregs, events, cache) = match from {
-            SaveFrom::Exit { regs, cache } => (regs.regs, regs.sregs, regs.events, Some(cache)),
-            SaveFrom::Ioctls => (
-                timed(steps, "KVM_GET_REGS", || fd.get_regs())?,
-                timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?,
-                timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?,
-                None,
-            ),
+        let regs = timed(steps, "KVM_GET_REGS", || fd.get_regs())?;
+        let sregs = timed(steps, "KVM_GET_SREGS", || fd.get_sregs())?;
+        let events = timed(steps, "KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())?;
+        let cache = match from {
+            SaveFrom::Pause { cache } => Some(cache),
+            SaveFrom::Ioctls => None,
         };
         let from_exit = cache.is_some();
         let confined = from_exit && confined_to_cpl3(&sregs, &msrs, self.lapic);
