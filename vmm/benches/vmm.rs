@@ -32,7 +32,13 @@
 //! Every row also shows how many cores other processes used while it ran (from `/proc/stat`
 //! minus this process's CPU time): the machine has 2 cores and is shared with other jobs.
 //!
-//! Environment: `BENCH_PAUSES` (default 2500 per row), `BENCH_DIRTY_EPOCHS` (default 60),
+//! The pause rows are followed by where the time of each 1-vCPU pause went
+//! (`Vm::pause_profile`): the kick, the vCPU leaving `KVM_RUN`, each state-save ioctl and the
+//! hand-off back to the pausing thread. The parts' percentiles are taken separately, so their
+//! p99s do not add up to the pause's p99.
+//!
+//! Environment: `BENCH_PAUSES` (default 2500 per row), `BENCH_PAUSE_VCPUS` (default `1,2`),
+//! `BENCH_DIRTY_EPOCHS` (default 60),
 //! `BENCH_RESTORES` (default 60 per size), `BENCH_UFFD_FAULTS` (default 5000),
 //! `BENCH_SECTIONS` (default `pause,dirty,restore,uffd`).
 
@@ -226,7 +232,15 @@ fn print_table(rows: &[Row]) {
 // ---------------------------------------------------------------------------------------------
 // 1. pause
 
-fn bench_pause(vcpus: u8, pauses: usize) -> (Stats, f64) {
+/// One pause series: the pause durations, and where the time went on vCPU 0 (one
+/// `(part, durations)` per part, in order: see `Vm::pause_profile`).
+struct PauseFigures {
+    total: Stats,
+    parts: Vec<(String, Stats)>,
+    other: f64,
+}
+
+fn bench_pause(vcpus: u8, pauses: usize) -> PauseFigures {
     let mut config = VmConfig::new(64 * MIB);
     config.vcpus = vcpus;
     config.dirty_logging = true;
@@ -235,6 +249,7 @@ fn bench_pause(vcpus: u8, pauses: usize) -> (Stats, f64) {
     let mut vm = boot(&config, &w, &sink);
     std::thread::sleep(Duration::from_millis(50));
     let mut times = Vec::with_capacity(pauses);
+    let mut parts: Vec<(String, Vec<Duration>)> = Vec::new();
     let before = cpu_sample();
     for i in 0..pauses + 50 {
         std::thread::sleep(Duration::from_micros(200 + (i as u64 % 7) * 100));
@@ -243,6 +258,26 @@ fn bench_pause(vcpus: u8, pauses: usize) -> (Stats, f64) {
         let d = t.elapsed();
         if i >= 50 {
             times.push(d);
+            let p = &vm.pause_profile().vcpus[0];
+            let mut row = vec![
+                ("kick: pause() -> signal sent".to_string(), p.kick),
+                (
+                    "exit: signal -> vCPU thread out of KVM_RUN".to_string(),
+                    p.exit,
+                ),
+                ("save: all state ioctls".to_string(), p.save),
+            ];
+            row.extend(p.steps.iter().map(|(n, d)| (format!("save: {n}"), d)));
+            row.push((
+                "hand-off: state saved -> pause() sees it".to_string(),
+                p.handoff,
+            ));
+            for (name, d) in row {
+                match parts.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, v)) => v.push(d),
+                    None => parts.push((name, vec![d])),
+                }
+            }
         }
         assert_eq!(vm.state().expect("state").vcpus.len(), usize::from(vcpus));
         vm.take_dirty().expect("take_dirty");
@@ -252,7 +287,11 @@ fn bench_pause(vcpus: u8, pauses: usize) -> (Stats, f64) {
     let p = progress(&vm);
     assert!(p > 0, "the ledger made no progress");
     assert_running(&vm, &sink, "pause bench");
-    (stats(times), others(&before, &after).0)
+    PauseFigures {
+        total: stats(times),
+        parts: parts.into_iter().map(|(n, v)| (n, stats(v))).collect(),
+        other: others(&before, &after).0,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -657,19 +696,34 @@ fn main() {
     let mut rows = Vec::new();
 
     eprintln!("[1/4] pause ...");
-    for vcpus in [1u8, 2].into_iter().filter(|_| run("pause")) {
-        let (s, other) = bench_pause(vcpus, pauses);
+    let pause_vcpus = std::env::var("BENCH_PAUSE_VCPUS").unwrap_or_else(|_| "1,2".into());
+    let pause_vcpus = pause_vcpus
+        .split(',')
+        .filter_map(|v| v.trim().parse::<u8>().ok());
+    for vcpus in pause_vcpus.filter(|_| run("pause")) {
+        let f = bench_pause(vcpus, pauses);
         rows.push(Row {
             what: format!("pause, {vcpus} vCPU, ledger unpaced, dirty log on"),
-            stats: s,
+            stats: f.total,
             target: (vcpus == 1).then_some(Duration::from_micros(100)),
             reference: if vcpus == 1 {
                 "target p99 <= 100 us; ref p50 31 / p99 54 us".into()
             } else {
                 "(no target); ref (1 vCPU) p50 31 / p99 54 us".into()
             },
-            other_cores: other,
+            other_cores: f.other,
         });
+        if vcpus == 1 {
+            for (part, s) in f.parts {
+                rows.push(Row {
+                    what: format!("pause, {vcpus} vCPU, part: {part}"),
+                    stats: s,
+                    target: None,
+                    reference: "-".into(),
+                    other_cores: f.other,
+                });
+            }
+        }
     }
 
     eprintln!("[2/4] take_dirty ...");

@@ -27,7 +27,7 @@ pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
 pub use state::VmState;
 pub use uffd::{Fault, LazyMemory, UffdError};
 pub use vcpu::ExitReason;
-pub use vm::{Boot, PreparedRestore, Vm, VmConfig, VmError};
+pub use vm::{Boot, PauseProfile, PreparedRestore, VcpuPauseProfile, Vm, VmConfig, VmError};
 
 /// Ends this process at once with SIGKILL, as a host failure would (drills and tests use it to
 /// kill a primary at an exact point of an epoch).

@@ -10,7 +10,7 @@
 //! ```
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -22,7 +22,7 @@ use crate::devices::serial::{OutputGate, SerialConsole, SerialStateError};
 use crate::dirty::DirtySet;
 use crate::guests::layout::{AP_PARK_GPA, CODE_GPA, COM1_PORT, STACK_TOP};
 use crate::memory::{GuestMemory, MemoryError, RegionSpec};
-use crate::state::vcpu::KvmVcpu;
+use crate::state::vcpu::{KvmVcpu, SaveSteps};
 use crate::state::{Persist, VcpuStateError, VmState};
 use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, Parked, VcpuEnv, VcpuHandle};
 
@@ -134,6 +134,33 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// Where the time of one `pause()` went ([`Vm::pause_profile`]).
+#[derive(Clone, Debug, Default)]
+pub struct PauseProfile {
+    /// `pause()` entered -> returned.
+    pub total: Duration,
+    /// One entry per vCPU, in id order.
+    pub vcpus: Vec<VcpuPauseProfile>,
+}
+
+/// One vCPU's part of a pause. The parts follow each other: `kick`, `exit`, `save` and
+/// `handoff` of the last vCPU add up to about the pause.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VcpuPauseProfile {
+    /// `pause()` entered -> this vCPU's signal about to be sent (earlier vCPUs' kicks included).
+    pub kick: Duration,
+    /// Signal about to be sent -> the vCPU thread out of `KVM_RUN` and on its pause path (zero
+    /// if it saw the request between two runs, before the signal).
+    pub exit: Duration,
+    /// -> its state saved (the ioctls in `steps`, plus the glue between them).
+    pub save: Duration,
+    /// Each ioctl of the save.
+    pub steps: SaveSteps,
+    /// State saved -> `pause()` saw it (hand-off to the pausing thread; for the second and later
+    /// vCPUs it includes waiting for the ones before).
+    pub handoff: Duration,
+}
+
 /// A VM whose vCPUs run on their own threads.
 pub struct Vm {
     _kvm: Kvm,
@@ -148,6 +175,7 @@ pub struct Vm {
     /// Dirty bits read from KVM but not yet handed out (a failed `take_dirty` keeps them here).
     pending: Vec<Vec<u64>>,
     paused: Option<Vec<crate::state::VcpuState>>,
+    profile: PauseProfile,
     #[doc(hidden)]
     pub fail_dirty_read_of_slot: Option<u32>,
 }
@@ -447,6 +475,7 @@ impl Vm {
             dirty_logging,
             pending,
             paused: None,
+            profile: PauseProfile::default(),
             fail_dirty_read_of_slot: None,
         };
         if paused {
@@ -499,15 +528,31 @@ impl Vm {
         if self.paused.is_some() {
             return Ok(());
         }
+        let start = Instant::now();
+        let profile = &mut self.profile;
+        profile.vcpus.clear();
         for v in &self.vcpus {
-            v.kick_pause();
+            let kicked = v.kick_pause();
+            profile.vcpus.push(VcpuPauseProfile {
+                kick: kicked - start,
+                ..Default::default()
+            });
         }
         let mut states = Vec::with_capacity(self.vcpus.len());
         let mut failure = None;
         for (i, v) in self.vcpus.iter().enumerate() {
             match v.wait_parked(PAUSE_TIMEOUT) {
-                Parked::Saved(Ok(s)) => states.push(s),
-                Parked::Saved(Err(e)) => failure = failure.or(Some(VmError::VcpuState(e))),
+                Parked::Saved(Ok(s), r) => {
+                    states.push(s);
+                    let seen = Instant::now();
+                    let p = &mut profile.vcpus[i];
+                    let kicked = start + p.kick;
+                    p.exit = r.noticed.saturating_duration_since(kicked);
+                    p.save = r.saved.saturating_duration_since(r.noticed.max(kicked));
+                    p.steps = r.steps;
+                    p.handoff = seen.saturating_duration_since(r.saved);
+                }
+                Parked::Saved(Err(e), _) => failure = failure.or(Some(VmError::VcpuState(e))),
                 Parked::Ended => failure = failure.or(Some(VmError::VcpuGone(i))),
                 Parked::TimedOut => failure = failure.or(Some(VmError::PauseTimeout(i))),
             }
@@ -519,7 +564,13 @@ impl Vm {
             return Err(e);
         }
         self.paused = Some(states);
+        profile.total = start.elapsed();
         Ok(())
+    }
+
+    /// Where the time of the last successful `pause()` went.
+    pub fn pause_profile(&self) -> &PauseProfile {
+        &self.profile
     }
 
     /// Lets the vCPUs run again.

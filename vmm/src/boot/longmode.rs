@@ -72,6 +72,14 @@ pub fn setup_sregs(sregs: &mut kvm_sregs) {
     sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
     sregs.cr0 |= CR0_PE | CR0_PG | CR0_ET | CR0_NE;
     sregs.efer |= EFER_LME | EFER_LMA;
+    // No descriptor table the guest could fill in: with limits of 0 (KVM's reset values are
+    // 0xffff at base 0, a page the CPL3 guest can write) no gate, task or segment descriptor
+    // fits, so every exception, INT n or far call ends in a triple fault instead of CPL0 code.
+    // The guests never load a segment. This is what makes the vCPU confined to CPL3
+    // (`state::vcpu::confined_to_cpl3`), which lets a pause skip reading what only CPL0 changes.
+    sregs.gdt.limit = 0;
+    sregs.idt.limit = 0;
+    sregs.ldt.limit = 0;
 }
 
 /// Registers at the guest's first instruction.
