@@ -335,9 +335,14 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                     let released: Vec<_> = released.iter().filter(|(e, _)| *e > sync).collect();
                     let pages: u64 = released.iter().map(|(_, e)| u64::from(e.2)).sum();
                     if let Some((_, (oldest, _, _))) = released.first() {
-                        let from = f.last_ack.map_or(*oldest, |l| l.max(*oldest));
-                        let busy = now.saturating_duration_since(from).as_secs_f64();
-                        if pages >= 64 && busy > 0.0 {
+                        // Rated only when nothing else was in flight since their capture: an
+                        // epoch that overlapped others (a batched round) would be credited
+                        // with the pipeline's throughput, which one final, unpipelined epoch
+                        // does not get. The rate includes the epoch's fixed cost, so it errs
+                        // low (quick eviction then snapshots more often, not too rarely).
+                        let alone = f.last_ack.is_none_or(|l| l <= *oldest);
+                        let busy = now.saturating_duration_since(*oldest).as_secs_f64();
+                        if alone && pages >= 64 && busy > 0.0 {
                             f.link_rate.add(pages as f64 / busy, 0.3);
                         }
                         let took = now.saturating_duration_since(*oldest);
