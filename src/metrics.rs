@@ -149,6 +149,11 @@ pub const CATALOG: &[MetricDef] = &[
         "Failover drills that passed (count).",
     ),
     counter(
+        "understudy_resyncs_total",
+        &[("kind", &["full", "delta"])],
+        "Primary: sessions that began with a full sync or a delta resync (count).",
+    ),
+    counter(
         "understudy_digest_mismatches_total",
         &[],
         "Epochs whose image digest after apply differed from the primary's (count).",

@@ -82,6 +82,8 @@ fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded()
     let (pp, bp) = (primary.child.id(), backup.child.id());
     let mut samples: Vec<(u64, u64)> = Vec::new();
     let mut intervals = Vec::new();
+    let committed = || scrape_metric(&metrics, "understudy_last_committed_epoch").unwrap_or(0.0);
+    let committed_before = committed();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(16) {
         let (p, b) = (rss_anon(pp), rss_anon(bp));
@@ -97,6 +99,8 @@ fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded()
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let window = t.elapsed().as_secs_f64();
+    let epochs_in_window = committed() - committed_before;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let half = samples.len() / 2;
     let max_of = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap();
@@ -120,11 +124,19 @@ fn a_link_slower_than_the_dirty_rate_lengthens_epochs_and_memory_stays_bounded()
             .unwrap_or("")
     );
     // Backpressure: the in-flight window fills and the capture waits, so epochs get longer.
+    // The interval gauge is set when an epoch ends, so an epoch still waiting when the window
+    // closes does not show there: the epochs committed in the window give the mean length.
+    let mean = window / epochs_in_window.max(1.0);
+    println!(
+        "{epochs_in_window} epochs committed in {window:.1} s: mean epoch {:.0} ms",
+        mean * 1e3
+    );
     assert!(
-        longest > 0.2,
-        "epochs never got longer than {:.0} ms on a link slower than the dirty rate: \
-         {intervals:?}",
-        longest * 1e3
+        longest > 0.2 || mean > 0.2,
+        "epochs never got longer than {:.0} ms (mean {:.0} ms) on a link slower than the dirty \
+         rate: {intervals:?}",
+        longest * 1e3,
+        mean * 1e3
     );
     // Bounded: no growth from one half to the next beyond noise, and modest in absolute terms.
     for (who, a, b) in [("primary", p1, p2), ("backup", b1, b2)] {
