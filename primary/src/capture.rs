@@ -441,7 +441,6 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             indices.push(ctl.map.index_of(gpa).expect("dirty page inside the layout"));
             vm.memory().read(gpa, buf)?;
         }
-        let clock = note_changed(ctl, &indices);
         // The epoch's console bytes travel in its checkpoint: if this primary dies after the
         // backup committed the epoch but before releasing them, the promoted VM emits them.
         let (sealed, console_offset, console) = vm.gate().seal_copy();
@@ -452,6 +451,8 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
             vm.resume();
         }
         let pause = t0.elapsed();
+        // The resync book's note is off the pause: nothing reads it before this epoch is sent.
+        let clock = note_changed(ctl, &indices);
         epoch += 1;
         consistent += 1;
         debug_assert!(
