@@ -10,6 +10,23 @@ use std::time::Duration;
 use common::{certs, free_port, require_kvm, s, Proc};
 use understudy_vmm::guests::ledger_ticks;
 
+/// `understudy backup` keeping its image in `img`, with a failure timeout for a loaded host.
+fn persisted_backup(certs: &str, addr: &str, img: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = s(&[
+        "backup",
+        "--certs",
+        certs,
+        "--listen",
+        addr,
+        "--image-dir",
+        img,
+        "--failure-timeout",
+        "2s",
+    ]);
+    a.extend(s(extra));
+    a
+}
+
 #[test]
 fn a_backup_killed_at_random_moments_finds_its_last_committed_epoch_intact() {
     require_kvm();
@@ -19,17 +36,7 @@ fn a_backup_killed_at_random_moments_finds_its_last_committed_epoch_intact() {
     let c = d.join("certs").display().to_string();
     let img = d.join("img").display().to_string();
     let addr = format!("127.0.0.1:{}", free_port());
-    let backup_args = s(&[
-        "backup",
-        "--certs",
-        &c,
-        "--listen",
-        &addr,
-        "--image-dir",
-        &img,
-        "--failure-timeout",
-        "2s",
-    ]);
+    let backup_args = persisted_backup(&c, &addr, &img, &[]);
     let mut backup = Proc::spawn(d, "backup0", &backup_args);
     backup.wait_for("backup listening", Duration::from_secs(10));
     assert!(
@@ -128,21 +135,7 @@ fn a_restarted_backup_gets_a_delta_and_ends_byte_identical() {
     let bdump = d.join("bdump").display().to_string();
     let pdump = d.join("pdump").display().to_string();
     let addr = format!("127.0.0.1:{}", free_port());
-    let backup_args = |extra: &[&str]| {
-        let mut a = s(&[
-            "backup",
-            "--certs",
-            &c,
-            "--listen",
-            &addr,
-            "--image-dir",
-            &img,
-            "--failure-timeout",
-            "2s",
-        ]);
-        a.extend(s(extra));
-        a
-    };
+    let backup_args = |extra: &[&str]| persisted_backup(&c, &addr, &img, extra);
     let mut backup = Proc::spawn(d, "backup0", &backup_args(&[]));
     backup.wait_for("backup listening", Duration::from_secs(10));
     // `--epochs`: the second session stops the primary after that many epochs, paused, and
