@@ -146,6 +146,11 @@ pub struct PrimaryArgs {
     /// Encoder worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     encode_threads: u64,
+    /// CPU priority (nice, 0-19) of the encoder threads, which compress and hash the dirty
+    /// pages. The vCPUs keep 0: when the host runs out of CPU, the guest keeps its share and
+    /// the epochs get longer (the backup's image lags more) instead. 0 treats both alike.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    encoder_nice: i32,
     /// Pages per full-sync epoch.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(256..=262144))]
     sync_batch: u32,
@@ -283,6 +288,7 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         epoch: args.epoch,
         max_in_flight: args.max_in_flight as usize,
         encode_threads: args.encode_threads as usize,
+        encoder_nice: args.encoder_nice,
         sync_batch_pages: args.sync_batch,
         console: Box::new(std::io::stdout()),
         console_file: console_file(args.console_file.as_deref())?,
@@ -422,6 +428,7 @@ fn reprotect_config(
         epoch: args.protect_epoch,
         max_in_flight: understudy_primary::DEFAULT_MAX_IN_FLIGHT,
         encode_threads: 2,
+        encoder_nice: 10,
         sync_batch_pages: 16384,
         console: Box::new(std::io::sink()),
         // The promoted VM's gate already writes the console file.

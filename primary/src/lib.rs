@@ -77,6 +77,9 @@ pub struct PrimaryConfig {
     pub max_in_flight: usize,
     /// Encoder worker threads.
     pub encode_threads: usize,
+    /// Nice value (0-19) of the encoder and its workers: above the vCPUs' 0, a CPU-bound
+    /// host gives the guest its CPU first, and epochs get longer (backpressure) instead.
+    pub encoder_nice: i32,
     /// Pages per full-sync epoch.
     pub sync_batch_pages: u32,
     /// Where released console bytes go.

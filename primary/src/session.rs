@@ -1323,12 +1323,18 @@ async fn session(
         None => EncoderState::new(sh.map.total(), enc_cfg),
     };
     let threads = cfg.encode_threads.max(1);
+    let nice = cfg.encoder_nice;
     let enc_totals = Arc::clone(&sh.totals);
     let enc_book = Arc::clone(&sh.book);
     let encoder_handle = match std::thread::Builder::new()
         .name("encoder".into())
-        .spawn(move || encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals, enc_book))
-    {
+        .spawn(move || {
+            // The encoder's workers are started from this thread and inherit its priority.
+            if let Err(e) = understudy_vmm::set_thread_nice(nice) {
+                warn!(error = %e, nice, "cannot lower the encoder's CPU priority");
+            }
+            encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals, enc_book)
+        }) {
         Ok(h) => h,
         Err(e) => {
             return (

@@ -39,3 +39,21 @@ pub fn sigkill_self() -> ! {
     }
     unreachable!("SIGKILL does not return")
 }
+
+/// Lowers the calling thread's CPU priority to `nice` (0 = normal, 19 = lowest); threads it
+/// starts afterwards inherit it. Linux keeps a nice value per thread, so this leaves the rest of
+/// the process (the vCPU threads above all) as it was. Raising the priority again needs
+/// CAP_SYS_NICE, so a caller should only lower it.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    let nice = nice.clamp(0, 19);
+    // SAFETY: gettid(2) has no preconditions and no memory effects.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority(2) on our own thread id with a value in 0..=19 only changes this
+    // thread's scheduling weight; it touches no memory.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
