@@ -453,7 +453,18 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
             }
             if resumed.is_none() {
                 // Pages may have been loaded: start from a zeroed image.
-                image = HotImage::new(&hello.layout).ok();
+                image = match HotImage::new(&hello.layout) {
+                    Ok(fresh) => Some(fresh),
+                    Err(e) => {
+                        answer = Message::Reject(understudy_protocol::Reject {
+                            code: understudy_protocol::RejectCode::Layout,
+                            reason: format!(
+                                "the backup cannot hold this memory layout after a failed resume: {e}"
+                            ),
+                        });
+                        None
+                    }
+                };
             }
         }
         if resumed.is_some() {
