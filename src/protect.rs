@@ -220,8 +220,13 @@ pub struct PrimaryArgs {
 
 /// `--delta-cache`: a size from 0 (off) to the largest guest memory.
 pub fn parse_delta_cache(s: &str) -> Result<u64, String> {
-    understudy_vmm::guests::parse_size_in("delta-cache", s, 0, understudy_vmm::memory::MAX_MEMORY)
-        .map_err(|e| e.to_string())
+    let max = understudy_vmm::memory::MAX_MEMORY;
+    understudy_vmm::guests::parse_size_in("delta-cache", s, 0, max).map_err(|_| {
+        format!(
+            "use a size like 512M or 1G, at most {}G (0 = off)",
+            max >> 30
+        )
+    })
 }
 
 fn parse_versions(s: &str) -> Result<(u16, u16), String> {
