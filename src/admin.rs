@@ -516,4 +516,16 @@ mod tests {
             "primary of vm-1: protected for 30 s; peer backup; last committed epoch 42; lag 12.3 ms"
         );
     }
+
+    #[test]
+    fn a_move_request_carries_its_delta_cache_only_when_given() {
+        let base = "/migrate?algorithm=precopy&to=127.0.0.1:7410";
+        assert_eq!(parse_migrate(base).unwrap().delta_cache, None);
+        let bytes = crate::protect::parse_delta_cache("512M").unwrap();
+        let r = parse_migrate(&format!("{base}&delta_cache={bytes}")).unwrap();
+        assert_eq!(r.delta_cache, Some(512 << 20));
+        assert_eq!(crate::protect::parse_delta_cache("0"), Ok(0));
+        assert!(crate::protect::parse_delta_cache("8G").is_err());
+        assert!(parse_migrate(&format!("{base}&delta_cache=lots")).is_err());
+    }
 }
