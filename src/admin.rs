@@ -136,7 +136,7 @@ async fn handle(mut stream: tokio::net::TcpStream, admin: &Admin) -> Result<()> 
 }
 
 /// `POST /migrate?algorithm=..&to=..[&to_name=..&downtime_budget_ms=..&max_rounds=..
-/// &timeout_ms=..&on_no_convergence=..&eviction_target_ms=..]`: precopy answers when the move
+/// &timeout_ms=..&on_no_convergence=..&eviction_target_ms=..&delta_cache=BYTES]`: precopy answers when the move
 /// is over; quick eviction answers once its background snapshots have started.
 async fn migrate_request(admin: &Admin, path: &str) -> Result<(u16, String)> {
     let Some(m) = &admin.migration else {
@@ -210,6 +210,7 @@ fn parse_migrate(path: &str) -> Result<MigrateRequest, String> {
     let mut to_name = "backup".to_string();
     let mut precopy = PrecopyPolicy::default();
     let mut quick = QuickEviction::default();
+    let mut delta_cache = None;
     let ms = |v: &str, k: &str| {
         v.parse::<u64>()
             .map(Duration::from_millis)
@@ -228,6 +229,7 @@ fn parse_migrate(path: &str) -> Result<MigrateRequest, String> {
             "timeout_ms" => precopy.timeout = ms(v, k)?,
             "on_no_convergence" => precopy.on_no_convergence = v.parse::<NoConvergence>()?,
             "eviction_target_ms" => quick.target = ms(v, k)?,
+            "delta_cache" => delta_cache = Some(v.parse().map_err(|e| format!("{k}={v:?}: {e}"))?),
             _ => return Err(format!("unknown parameter {k:?}")),
         }
     }
@@ -237,6 +239,7 @@ fn parse_migrate(path: &str) -> Result<MigrateRequest, String> {
         to_name,
         precopy,
         quick,
+        delta_cache,
     })
 }
 
@@ -388,6 +391,13 @@ pub struct MigrateArgs {
     /// quick-eviction: the eviction time to stay under.
     #[arg(long, default_value = "50ms", value_parser = crate::protect::parse_duration)]
     eviction_target: Duration,
+    /// precopy, quick-eviction: memory on the source (e.g. 512M, 1G; 0 = off) for the content
+    /// it last sent of each page, so that a page the guest rewrites during the move goes again
+    /// as a Delta (its XOR with what the destination holds: a few bytes for a changed word)
+    /// instead of whole. Unset: the source's own `primary --delta-cache`, by default 1G, which
+    /// holds every non-zero page of a guest up to 1 GiB. Freed when the move ends.
+    #[arg(long, value_parser = crate::protect::parse_delta_cache)]
+    delta_cache: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -401,7 +411,7 @@ pub fn migrate(args: MigrateArgs) -> Result<i32> {
             args.to
         );
     }
-    let path = format!(
+    let mut path = format!(
         "/migrate?algorithm={}&to={}&to_name={}&downtime_budget_ms={}&max_rounds={}&timeout_ms={}&on_no_convergence={}&eviction_target_ms={}",
         args.algorithm.name(),
         args.to,
@@ -415,6 +425,9 @@ pub fn migrate(args: MigrateArgs) -> Result<i32> {
         },
         args.eviction_target.as_millis(),
     );
+    if let Some(bytes) = args.delta_cache {
+        path.push_str(&format!("&delta_cache={bytes}"));
+    }
     let (code, body) = request(
         args.admin,
         "POST",
@@ -467,7 +480,7 @@ fn print_report(admin: SocketAddr, code: u16, body: &str, json: bool) -> Result<
 pub fn describe_move(r: &MigrationReport) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
     format!(
-        "{} {}: {}\n  downtime {}  eviction {}  wire {:.1} MB  rounds {}  final pages {}  guest throughput {}  VM lost if a host fails: {}",
+        "{} {}: {}\n  downtime {}  eviction {}  wire {:.1} MB  rounds {}  final pages {}  delta pages {}  guest throughput {}  VM lost if a host fails: {}",
         r.algorithm,
         if r.ok { "done" } else { "FAILED" },
         r.message,
@@ -476,6 +489,7 @@ pub fn describe_move(r: &MigrationReport) -> String {
         r.wire_bytes as f64 / 1e6,
         r.rounds,
         r.final_pages,
+        r.delta_pages,
         r.throughput_ratio.map_or("-".into(), |t| format!("x{t:.2}")),
         if r.vm_lost_if_a_host_fails { "yes" } else { "no" },
     )
@@ -501,5 +515,17 @@ mod tests {
             describe(&s, 130.0),
             "primary of vm-1: protected for 30 s; peer backup; last committed epoch 42; lag 12.3 ms"
         );
+    }
+
+    #[test]
+    fn a_move_request_carries_its_delta_cache_only_when_given() {
+        let base = "/migrate?algorithm=precopy&to=127.0.0.1:7410";
+        assert_eq!(parse_migrate(base).unwrap().delta_cache, None);
+        let bytes = crate::protect::parse_delta_cache("512M").unwrap();
+        let r = parse_migrate(&format!("{base}&delta_cache={bytes}")).unwrap();
+        assert_eq!(r.delta_cache, Some(512 << 20));
+        assert_eq!(crate::protect::parse_delta_cache("0"), Ok(0));
+        assert!(crate::protect::parse_delta_cache("8G").is_err());
+        assert!(parse_migrate(&format!("{base}&delta_cache=lots")).is_err());
     }
 }

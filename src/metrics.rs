@@ -250,6 +250,12 @@ pub const CATALOG: &[MetricDef] = &[
          the VM (0 or 1).",
     ),
     gauge(
+        "understudy_delta_cache_bytes",
+        &[],
+        "Primary: memory held by the delta base cache of the current session, the content \
+         last sent of pages that may go again as deltas (bytes; 0 when off).",
+    ),
+    gauge(
         "understudy_snapshot_interval_seconds",
         &[],
         "Source, quick eviction: the current interval between background snapshots shipped \

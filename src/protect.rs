@@ -210,6 +210,28 @@ pub struct PrimaryArgs {
     /// e.g. 127.0.0.1:7600. Plain HTTP: bind it to loopback or a management network.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Memory (e.g. 512M, 1G; 0 = off) for the content last sent of each page, so that a page
+    /// sent again goes as a Delta: its XOR with what the other side holds, compressed, a few
+    /// bytes when the guest changed a word of it. Unset: 1G for moves (`understudy migrate`,
+    /// which may set its own), where the sync and the live rounds or snapshots resend pages
+    /// the guest rewrites, and 1G holds every non-zero page of a guest up to 1 GiB; off for
+    /// protection, where it costs a copy of each dirty page every epoch and the memory for
+    /// as long as the VM is protected. Given, it applies to both. Filled only as pages are
+    /// sent (zero pages take nothing), freed when the session ends; when full, pages read once
+    /// make room first.
+    #[arg(long, value_parser = parse_delta_cache)]
+    delta_cache: Option<u64>,
+}
+
+/// `--delta-cache`: a size from 0 (off) to the largest guest memory.
+pub fn parse_delta_cache(s: &str) -> Result<u64, String> {
+    let max = understudy_vmm::memory::MAX_MEMORY;
+    understudy_vmm::guests::parse_size_in("delta-cache", s, 0, max).map_err(|_| {
+        format!(
+            "use a size like 512M or 1G, at most {}G (0 = off)",
+            max >> 30
+        )
+    })
 }
 
 fn parse_versions(s: &str) -> Result<(u16, u16), String> {
@@ -312,6 +334,7 @@ pub fn primary(args: PrimaryArgs) -> Result<i32> {
         versions: args.announce_versions,
         standalone,
         migration,
+        delta_cache: args.delta_cache,
     };
     let linger = args.linger_after_move;
     let summary = runtime()?.block_on(async move {
@@ -450,6 +473,8 @@ fn reprotect_config(
         versions: None,
         standalone: false,
         migration: understudy_primary::status::Migration::new(),
+        // Protection: no delta cache (see `primary --delta-cache`).
+        delta_cache: None,
     }
 }
 

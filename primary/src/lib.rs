@@ -19,6 +19,7 @@
 //! At most `max_in_flight` epochs are between capture and `Ack`; when the backup or the link
 //! falls behind, the capture thread waits for a slot and the next epoch simply gets longer.
 
+mod basecache;
 mod capture;
 mod journal;
 mod lease;
@@ -43,6 +44,11 @@ use understudy_vmm::RegionSpec;
 pub const DEFAULT_EPOCH: Duration = Duration::from_millis(25);
 /// Default bound on epochs between capture and `Ack`.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+
+/// Default bound of the delta base cache of a move session (`PrimaryConfig::delta_cache`):
+/// enough for every non-zero page of a guest up to 1 GiB, so that each page the guest rewrites
+/// during the move goes again as a few bytes of `Delta` instead of whole.
+pub const DEFAULT_MOVE_DELTA_CACHE: u64 = 1 << 30;
 
 /// A multiboot v1 kernel and its command line (as QEMU's `-kernel` / `-append`).
 #[derive(Clone, Debug)]
@@ -124,6 +130,11 @@ pub struct PrimaryConfig {
     pub standalone: bool,
     /// A move to another host, requested through the admin endpoint.
     pub migration: std::sync::Arc<status::Migration>,
+    /// Bytes of page content the encoder may keep to send pages it sent before as `Delta`
+    /// records (the backup's content XOR the new one). `None`: [`DEFAULT_MOVE_DELTA_CACHE`]
+    /// for moves (precopy, quick eviction; a move's request may set its own), none for
+    /// protection sessions; `Some(0)` disables it.
+    pub delta_cache: Option<u64>,
 }
 
 /// Where in an epoch a drill kills the primary.

@@ -268,6 +268,8 @@ pub(crate) struct Plan {
     pub evict: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// What the capture thread measured, for the report.
     pub record: std::sync::Arc<std::sync::Mutex<MoveRecord>>,
+    /// The delta base cache's bound asked for by the move's request, in bytes.
+    pub delta_cache: Option<u64>,
 }
 
 /// What the capture thread measured during a move.
@@ -288,6 +290,8 @@ pub(crate) struct MoveRecord {
     pub aborted: Option<String>,
     /// Precopy stopped without converging (stop-and-copy strategy).
     pub forced: bool,
+    /// Pages the move sent as `Delta` records.
+    pub delta_pages: u64,
 }
 
 /// The five properties of one move (Svärd et al.), as the source measured them.
@@ -310,6 +314,10 @@ pub struct MigrationReport {
     pub rounds: u64,
     /// Pages in the final, paused epoch.
     pub final_pages: u64,
+    /// Pages sent again as a `Delta` against the content the destination already held (see
+    /// `--delta-cache`) rather than whole.
+    #[serde(default)]
+    pub delta_pages: u64,
     /// The guest's own work rate during the move divided by its rate just before it (1.0 = no
     /// slowdown), read from the guest's progress counter.
     pub throughput_ratio: Option<f64>,
@@ -352,6 +360,7 @@ pub(crate) fn report(
         wire_bytes,
         rounds: record.rounds,
         final_pages: record.final_pages,
+        delta_pages: record.delta_pages,
         throughput_ratio,
         // Precopy and quick eviction: the source keeps its complete VM until the destination
         // confirms it runs the final epoch, so a destination failure loses nothing. Postcopy

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, warn};
 use understudy_protocol::{
-    DirtyPage, EncoderConfig, EncoderState, Goodbye, GoodbyeReason, Heartbeat, Hello, Limits,
-    Message, Mode, Page, Successor, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+    EncoderConfig, EncoderState, Goodbye, GoodbyeReason, Heartbeat, Hello, Limits, Message, Mode,
+    Successor, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use understudy_transport::lease::LeaseBackend;
 use understudy_transport::{messages, ErrorChain};
@@ -20,6 +20,7 @@ use understudy_transport::{
 };
 use understudy_vmm::{Boot, OutputGate, Vm, VmConfig, VmError};
 
+use crate::basecache::BaseCache;
 use crate::capture::{
     capture_loop, sync_epochs, CaptureCtl, CaptureEnd, Captured, PageMap, StagingPool, SyncPlan,
 };
@@ -126,30 +127,13 @@ fn encoder_thread(
     tx: mpsc::Sender<Encoded>,
     totals: Arc<Totals>,
     book: Arc<Mutex<ResyncBook>>,
+    mut cache: BaseCache,
 ) -> Result<understudy_protocol::PageTree, PrimaryError> {
-    static ZERO: Page = [0u8; PAGE_SIZE];
+    metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
     while let Some(c) = rx.blocking_recv() {
-        let dirty: Vec<DirtyPage<'_>> = if c.zeroes {
-            c.indices
-                .iter()
-                .map(|&index| DirtyPage {
-                    index,
-                    data: &ZERO,
-                    base: None,
-                })
-                .collect()
-        } else {
-            c.indices
-                .iter()
-                .zip(c.pages.bytes().chunks_exact(PAGE_SIZE))
-                .map(|(&index, data)| DirtyPage {
-                    index,
-                    data: <&Page>::try_from(data).expect("PAGE_SIZE chunks"),
-                    base: None,
-                })
-                .collect()
-        };
+        let dirty = cache.pages(encoder.tree(), &c.indices, c.pages.bytes(), c.zeroes);
         let e = encoder.encode_epoch(c.epoch, &dirty, threads)?;
+        drop(dirty);
         let s = e.stats;
         metrics::counter!("understudy_pages_total", "kind" => "zero").increment(s.zero);
         metrics::counter!("understudy_pages_total", "kind" => "unchanged").increment(s.unchanged);
@@ -165,6 +149,7 @@ fn encoder_thread(
         metrics::counter!("understudy_bytes_encoded_total").increment(s.wire_bytes);
         totals.raw.fetch_add(raw, Ordering::Relaxed);
         totals.wire.fetch_add(s.wire_bytes, Ordering::Relaxed);
+        totals.delta.fetch_add(s.delta, Ordering::Relaxed);
         let commit = e.commit(c.state);
         if !commit.state.is_empty() {
             // A consistent epoch: a backup holding its image can later resume from it.
@@ -184,7 +169,14 @@ fn encoder_thread(
         if tx.blocking_send(out).is_err() {
             break;
         }
+        // Off the epoch's path: what the backup holds once this epoch commits is the base of
+        // the next one (epochs are applied in order, and all that are encoded are sent).
+        if cache.enabled() {
+            cache.encoded(encoder.tree(), &c.indices, c.pages.bytes(), c.zeroes);
+            metrics::gauge!("understudy_delta_cache_bytes").set(cache.bytes() as f64);
+        }
     }
+    metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
     Ok(encoder.tree().clone())
 }
 
@@ -205,6 +197,8 @@ impl Drop for Halt {
 struct Totals {
     raw: AtomicU64,
     wire: AtomicU64,
+    /// `Delta` records sent.
+    delta: AtomicU64,
 }
 
 async fn send_epoch(
@@ -826,6 +820,7 @@ async fn protect(
         };
         summary.sessions += 1;
         let moved = plan.as_ref().map(|p| (p.algorithm, Arc::clone(&p.record)));
+        let delta_before = shared.totals.delta.load(Ordering::Relaxed);
         let (back, end, s) = match plan {
             Some(p) if p.algorithm.is_postcopy() => {
                 // Postcopy reads the dirty log on its own: the book no longer knows every
@@ -844,7 +839,8 @@ async fn protect(
         summary.last_acked = s.last_acked;
         summary.wire_bytes += s.wire_bytes;
         if let Some((algorithm, record)) = moved {
-            let record = record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut record = record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            record.delta_pages = shared.totals.delta.load(Ordering::Relaxed) - delta_before;
             let (ok, message, downtime_ms) = match &end {
                 Ok(SessionEnd::HandedOver(r)) => (r.ok, r.message.clone(), r.downtime_ms),
                 Ok(SessionEnd::Lost(cause)) => (false, ErrorChain(cause).to_string(), None),
@@ -882,6 +878,7 @@ async fn protect(
                 wire_bytes = report.wire_bytes,
                 rounds = report.rounds,
                 final_pages = report.final_pages,
+                delta_pages = report.delta_pages,
                 throughput_ratio = ?report.throughput_ratio,
                 "move report: {}",
                 report.message
@@ -1144,6 +1141,7 @@ async fn standalone(
                     quick: req.quick,
                     evict: cfg.migration.evict_flag(),
                     record: Arc::new(Mutex::new(record)),
+                    delta_cache: req.delta_cache,
                 };
                 return Ok(Some((link, plan)));
             }
@@ -1326,6 +1324,17 @@ async fn session(
     let nice = cfg.encoder_nice;
     let enc_totals = Arc::clone(&sh.totals);
     let enc_book = Arc::clone(&sh.book);
+    // Only for this session: the next one starts from a resync, with no base known.
+    let cache_bytes = if understudy_protocol::codec::chunk_format_for(version) >= 2 {
+        crate::basecache::budget(
+            plan.as_ref().and_then(|p| p.delta_cache),
+            cfg.delta_cache,
+            moving,
+        )
+    } else {
+        0
+    };
+    let cache = BaseCache::new(sh.map.total(), cache_bytes);
     let encoder_handle = match std::thread::Builder::new()
         .name("encoder".into())
         .spawn(move || {
@@ -1333,7 +1342,9 @@ async fn session(
             if let Err(e) = understudy_vmm::set_thread_nice(nice) {
                 warn!(error = %e, nice, "cannot lower the encoder's CPU priority");
             }
-            encoder_thread(encoder, threads, cap_rx, enc_tx, enc_totals, enc_book)
+            encoder_thread(
+                encoder, threads, cap_rx, enc_tx, enc_totals, enc_book, cache,
+            )
         }) {
         Ok(h) => h,
         Err(e) => {

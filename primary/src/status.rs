@@ -185,6 +185,10 @@ pub struct MigrateRequest {
     /// Quick eviction's target and interval bounds.
     #[serde(default)]
     pub quick: crate::migrate::QuickEviction,
+    /// Bytes the source may keep to send pages again as deltas (`None`: the primary's own
+    /// setting or default; 0 disables it).
+    #[serde(default)]
+    pub delta_cache: Option<u64>,
 }
 
 /// A move of the VM: requested by the admin endpoint, carried out by the primary's main loop.

@@ -632,9 +632,10 @@ fn ours_inner(
     row.wire_bytes = report["wire_bytes"].as_u64();
     row.vm_lost_if_a_host_fails = report["vm_lost_if_a_host_fails"].as_bool();
     row.note = format!(
-        "{} rounds, {} final pages; destination setup {} ms",
+        "{} rounds, {} final pages, {} pages as deltas; destination setup {} ms",
         report["rounds"],
         report["final_pages"],
+        report["delta_pages"],
         ms(destination_setup_ms(&dst.err.get())),
     );
     if !row.ok {
