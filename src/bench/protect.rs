@@ -78,6 +78,10 @@ pub struct ProtectArgs {
     /// Passed to both processes as --failure-timeout (default: theirs).
     #[arg(long)]
     failure_timeout: Option<String>,
+    /// Passed to the primary as --encoder-nice (default: the primary's own default, 10), e.g.
+    /// 0 to compare with an encoder that competes with the vCPU as an equal.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    encoder_nice: Option<i32>,
     /// Seconds run before each window (after the full sync for the protected run).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
@@ -821,6 +825,9 @@ fn run_protected(s: &Setup, case: Case) -> Result<Protected> {
         journal.display().to_string(),
     ];
     primary_args.extend(extra);
+    if let Some(n) = s.args.encoder_nice {
+        primary_args.extend(["--encoder-nice".into(), n.to_string()]);
+    }
     let mut primary = spawn(
         "primary",
         &primary_args,
@@ -1142,11 +1149,14 @@ fn report(
     let _ = writeln!(
         o,
         "understudy bench protect: dirty guest, memory {}, working set {}, mix {}, epoch {} ms, \
-         {} s window per case and mode (+{} s warm-up); load average before: {load_before}, after: {}",
+         primary's encoder at nice {}, {} s window per case and mode (+{} s warm-up); load average before: {load_before}, after: {}",
         s.args.memory,
         s.args.working_set,
         s.mix,
         s.args.epoch_ms,
+        s.args
+            .encoder_nice
+            .map_or_else(|| "10 (its default)".to_string(), |n| n.to_string()),
         s.args.seconds,
         s.args.warmup,
         loadavg()
