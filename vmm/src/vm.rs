@@ -484,17 +484,32 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Reads, ahead of time, the host facts every VM of this process needs and caches
-    /// (`KVM_GET_SUPPORTED_CPUID`, the MSRs a vCPU lets us save), so that the first `boot` or
-    /// `restore` does not pay for them: ~0.4 ms on PVM. A backup calls it at start, before it
-    /// may have to restore a VM in a hurry. Makes and drops a throwaway VM with one vCPU.
+    /// Gets KVM ready, ahead of time, for the VMs this process will make, so that the first
+    /// `boot` or `restore` (a backup's promotion) does not pay for it. A backup calls it at
+    /// start. Idempotent.
+    ///
+    /// - Reads and caches the host facts every VM needs (`KVM_GET_SUPPORTED_CPUID`, the MSRs a
+    ///   vCPU lets us save): ~0.4 ms on PVM.
+    /// - Makes a VM with one vCPU and keeps it, idle and without memory, for the life of the
+    ///   process. The host kernel turns some switches on while any VM or vCPU without an
+    ///   in-kernel irqchip exists and off when the last goes (static keys such as
+    ///   `kvm_has_noapic_vcpu`, flipped by patching kernel text with IPIs to every CPU): on an
+    ///   otherwise idle host every `KVM_CREATE_VCPU` paid ~0.15 ms for that, and every drop of
+    ///   the last VM as much again (`perf` of the restore bench). A host that runs other VMs
+    ///   keeps them on anyway, which made restore figures differ from one run to the next.
     pub fn warm_up() -> Result<(), VmError> {
+        static KEEPER: OnceLock<(VmFd, VcpuFd)> = OnceLock::new();
+        if KEEPER.get().is_some() {
+            return Ok(());
+        }
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let cpuid = supported_cpuid(&kvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let v = fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         probed_msrs(&v, false);
+        // Two racing first calls each make one; the loser's is dropped.
+        let _ = KEEPER.set((fd, v));
         Ok(())
     }
 
