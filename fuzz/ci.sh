@@ -12,7 +12,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 seconds="${FUZZ_SECONDS:-30}"
 sanitizer="${FUZZ_SANITIZER:-none}"
-targets=(frame_decoder frame_payload chunk_decoder epoch_commit)
+targets=(frame_decoder frame_payload chunk_decoder epoch_commit state_blob)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz/ci.sh: installing cargo-fuzz"

@@ -10,6 +10,10 @@ use understudy_protocol::{
     PAGE_SIZE,
 };
 
+use understudy_vmm::state::vcpu::XsaveArea;
+use understudy_vmm::state::{VcpuState, DEFAULT_STATE_LIMIT, STATE_VERSION_MIN};
+use understudy_vmm::{RegionSpec, VmState};
+
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("corpus")
@@ -177,5 +181,101 @@ fn main() {
         &[3, 1, 1, 0, 7, 2, 2, 1, 0, 3, 2, 2, 0],
     );
     write("epoch_commit", "empty", &[0]);
+    state_seeds();
     println!("seeds written");
+}
+
+/// `state_blob` seeds (its first byte: 1 = the rest is a whole blob, 0 / 2 = the rest is the
+/// payload of a blob the harness writes with format version 3 / 2): a one-vCPU and a two-vCPU
+/// state, whole and as payloads, a version 2 payload, and cut and altered copies.
+fn state_seeds() {
+    let with_mode = |mode: u8, bytes: &[u8]| [&[mode][..], bytes].concat();
+    let mut v0 = VcpuState::default();
+    v0.regs.rip = 0x1_0000;
+    v0.regs.rsp = 0x3_0000;
+    v0.regs.rflags = 0x3002;
+    v0.sregs.cr3 = 0x1000;
+    v0.msrs = vec![(0x10, 123_456_789), (0x174, 0), (0xc000_0102, 0)];
+    let mut v1 = v0.clone();
+    v1.regs.rip = 0x1_0040;
+    v1.xsave = Some(XsaveArea::default());
+    v1.xcrs = Some(Default::default());
+    let small = VmState {
+        regions: vec![RegionSpec {
+            gpa: 0,
+            size: 16 << 20,
+        }],
+        tsc_khz: 2_600_000,
+        irqchip: false,
+        vcpus: vec![v0.clone()],
+        serial: Default::default(),
+        console: Vec::new(),
+        console_offset: Some(0),
+    };
+    let two = VmState {
+        regions: vec![
+            RegionSpec {
+                gpa: 0,
+                size: 16 << 20,
+            },
+            RegionSpec {
+                gpa: 16 << 20,
+                size: 16 << 20,
+            },
+        ],
+        vcpus: vec![v0, v1],
+        console: b"tick 1 ok\n".to_vec(),
+        console_offset: Some(4096),
+        ..small.clone()
+    };
+    for (name, state) in [("one-vcpu", &small), ("two-vcpus", &two)] {
+        let b = state.encode();
+        assert_eq!(VmState::decode(&b, DEFAULT_STATE_LIMIT).as_ref(), Ok(state));
+        write("state_blob", &format!("{name}-blob"), &with_mode(1, &b));
+        write(
+            "state_blob",
+            &format!("{name}-payload"),
+            &with_mode(0, &b[24..]),
+        );
+    }
+    // Version 2: the CONSOLE section (the last) without the offset.
+    let b = two.encode();
+    let console = &two.console;
+    let at = b.len() - (8 + 1 + 8 + 4 + console.len());
+    let mut v2 = b[24..at].to_vec();
+    v2.extend_from_slice(&4u16.to_le_bytes());
+    v2.extend_from_slice(&0u16.to_le_bytes());
+    v2.extend_from_slice(&(4 + console.len() as u32).to_le_bytes());
+    v2.extend_from_slice(&(console.len() as u32).to_le_bytes());
+    v2.extend_from_slice(console);
+    let mut v2_blob = b[..24].to_vec();
+    v2_blob[8..10].copy_from_slice(&STATE_VERSION_MIN.to_le_bytes());
+    v2_blob[12..16].copy_from_slice(&(v2.len() as u32).to_le_bytes());
+    v2_blob[16..20].copy_from_slice(&crc32fast::hash(&v2).to_le_bytes());
+    v2_blob.extend_from_slice(&v2);
+    let decoded = VmState::decode(&v2_blob, DEFAULT_STATE_LIMIT).expect("the version 2 seed");
+    assert_eq!((&decoded.console, decoded.console_offset), (console, None));
+    write("state_blob", "v2-payload", &with_mode(2, &v2));
+    // Cut and altered.
+    let b = small.encode();
+    write("state_blob", "cut-header", &with_mode(1, &b[..24]));
+    write(
+        "state_blob",
+        "cut-payload",
+        &with_mode(0, &b[24..b.len() / 2]),
+    );
+    let mut long_section = b[24..].to_vec();
+    long_section[7] = 0x7f; // the VM section's length
+    write(
+        "state_blob",
+        "section-too-long",
+        &with_mode(0, &long_section),
+    );
+    let mut bad_crc = b.clone();
+    bad_crc[40] ^= 1;
+    write("state_blob", "bad-crc", &with_mode(1, &bad_crc));
+    let mut old = b.clone();
+    old[8] = 1; // format version 1
+    write("state_blob", "version-1", &with_mode(1, &old));
+    write("state_blob", "v3-payload-as-v2", &with_mode(2, &b[24..]));
 }

@@ -38,8 +38,8 @@
 //! p99s do not add up to the pause's p99.
 //!
 //! Environment: `BENCH_PAUSES` (default 2500 per row), `BENCH_PAUSE_VCPUS` (default `1,2`),
-//! `BENCH_DIRTY_EPOCHS` (default 60),
-//! `BENCH_RESTORES` (default 60 per size), `BENCH_UFFD_FAULTS` (default 5000),
+//! `BENCH_DIRTY_EPOCHS` (default 60), `BENCH_RESTORES` (default 200 per size, so that p99 is
+//! not simply the max), `BENCH_UFFD_FAULTS` (default 5000),
 //! `BENCH_SECTIONS` (default `pause,dirty,restore,uffd`).
 
 use std::collections::HashMap;
@@ -687,7 +687,7 @@ fn main() {
     header();
     let pauses = env_usize("BENCH_PAUSES", 2500).max(1);
     let dirty_epochs = env_usize("BENCH_DIRTY_EPOCHS", 60).max(2);
-    let restores = env_usize("BENCH_RESTORES", 60).max(1);
+    let restores = env_usize("BENCH_RESTORES", 200).max(1);
     let sections =
         std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "pause,dirty,restore,uffd".into());
     let run = |name: &str| sections.split(',').any(|s| s.trim() == name);

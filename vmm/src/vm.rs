@@ -189,6 +189,15 @@ struct Prepared {
     tsc_khz: u32,
 }
 
+/// Makes the KVM VM, its memory slots and its vCPUs with their CPUID.
+///
+/// The slots and the vCPUs do not depend on each other, and KVM serialises them on different
+/// locks (`slots_lock`; `kvm->lock` and each vCPU's mutex), so they are made on two threads: the
+/// slots here (at 1 GiB ~0.24 ms on PVM: KVM allocates and zeroes the slot's rmap and
+/// write-tracking arrays, ~2.5 MiB), the vCPUs on a helper (KVM_CREATE_VCPU, KVM_SET_CPUID2 and
+/// the probes: ~0.15 ms once [`Vm::warm_up`] ran). One after the other they were half of a cold
+/// restore (vmm/benches/vmm.rs). The caller loads a vCPU's state only after both: KVM_SET_SREGS
+/// of a guest in PAE paging reads its PDPTEs from guest memory, which must be in a slot by then.
 fn prepare(
     memory: &GuestMemory,
     vcpus: u8,
@@ -202,13 +211,48 @@ fn prepare(
     let kvm = Kvm::new().map_err(VmError::NoKvm)?;
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     if irqchip {
+        // Before any vCPU: KVM refuses an irqchip once vCPUs exist.
         fd.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     }
-    set_slots(&fd, memory, dirty_logging)?;
     let cpuid = supported_cpuid(&kvm)?;
-    let mut vcpu_fds = Vec::new();
-    for id in 0..vcpus {
+    let (slots, made) = std::thread::scope(|s| {
+        let helper = std::thread::Builder::new()
+            .name("vm-prepare".into())
+            .spawn_scoped(s, || make_vcpus(&fd, &cpuid, vcpus, irqchip));
+        let slots = set_slots(&fd, memory, dirty_logging);
+        let made = match helper {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(e) => Err(VmError::Thread(e)),
+        };
+        (slots, made)
+    });
+    slots?;
+    let v = made?;
+    Ok(Prepared {
+        kvm,
+        fd,
+        vcpu_fds: v.fds,
+        msrs: v.msrs,
+        xsave: v.xsave,
+        tsc_khz: v.tsc_khz,
+    })
+}
+
+/// The vCPUs of a new VM and what was probed on the first.
+struct MadeVcpus {
+    fds: Vec<VcpuFd>,
+    msrs: Arc<[u32]>,
+    xsave: bool,
+    tsc_khz: u32,
+}
+
+/// Creates `count` vCPUs with their CPUID (APIC ids set) and probes what their state holds.
+fn make_vcpus(fd: &VmFd, cpuid: &CpuId, count: u8, irqchip: bool) -> Result<MadeVcpus, VmError> {
+    let mut fds = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
         let v = fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -222,17 +266,14 @@ fn prepare(
             }
         }
         v.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        vcpu_fds.push(v);
+        fds.push(v);
     }
-    let msrs = probed_msrs(&vcpu_fds[0], irqchip);
-    let xsave = vcpu_fds[0].get_xsave().is_ok() && vcpu_fds[0].get_xcrs().is_ok();
-    let tsc_khz = vcpu_fds[0]
-        .get_tsc_khz()
-        .map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-    Ok(Prepared {
-        kvm,
-        fd,
-        vcpu_fds,
+    let first = &fds[0];
+    let msrs = probed_msrs(first, irqchip);
+    let xsave = first.get_xsave().is_ok() && first.get_xcrs().is_ok();
+    let tsc_khz = first.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+    Ok(MadeVcpus {
+        fds,
         msrs,
         xsave,
         tsc_khz,
@@ -484,17 +525,32 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Reads, ahead of time, the host facts every VM of this process needs and caches
-    /// (`KVM_GET_SUPPORTED_CPUID`, the MSRs a vCPU lets us save), so that the first `boot` or
-    /// `restore` does not pay for them: ~0.4 ms on PVM. A backup calls it at start, before it
-    /// may have to restore a VM in a hurry. Makes and drops a throwaway VM with one vCPU.
+    /// Gets KVM ready, ahead of time, for the VMs this process will make, so that the first
+    /// `boot` or `restore` (a backup's promotion) does not pay for it. A backup calls it at
+    /// start. Idempotent.
+    ///
+    /// - Reads and caches the host facts every VM needs (`KVM_GET_SUPPORTED_CPUID`, the MSRs a
+    ///   vCPU lets us save): ~0.4 ms on PVM.
+    /// - Makes a VM with one vCPU and keeps it, idle and without memory, for the life of the
+    ///   process. The host kernel turns some switches on while any VM or vCPU without an
+    ///   in-kernel irqchip exists and off when the last goes (static keys such as
+    ///   `kvm_has_noapic_vcpu`, flipped by patching kernel text with IPIs to every CPU): on an
+    ///   otherwise idle host every `KVM_CREATE_VCPU` paid ~0.15 ms for that, and every drop of
+    ///   the last VM as much again (`perf` of the restore bench). A host that runs other VMs
+    ///   keeps them on anyway, which made restore figures differ from one run to the next.
     pub fn warm_up() -> Result<(), VmError> {
+        static KEEPER: OnceLock<(VmFd, VcpuFd)> = OnceLock::new();
+        if KEEPER.get().is_some() {
+            return Ok(());
+        }
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let cpuid = supported_cpuid(&kvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let v = fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         probed_msrs(&v, false);
+        // Two racing first calls each make one; the loser's is dropped.
+        let _ = KEEPER.set((fd, v));
         Ok(())
     }
 
