@@ -24,7 +24,7 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 
 fn main() {
     // Messages.
-    let msgs = vec![
+    let msgs = [
         Message::Hello(Hello {
             min_version: 1,
             max_version: 2,
