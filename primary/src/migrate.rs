@@ -134,13 +134,21 @@ pub enum Decision {
     GiveUp,
 }
 
+/// Epochs of fewer pages than this are not used to rate the link (their time is the fixed
+/// cost of an epoch, not the link's rate); a final set this small ships within any downtime
+/// budget on a link a VM can be moved over (256 KiB).
+pub const RATED_MIN_PAGES: u64 = 64;
+
 impl PrecopyPolicy {
     /// After `rounds` live rounds and `elapsed` since the full sync began, with `dirty` pages
-    /// dirtied since the last round was read and a link that ships `pages_per_s`: stop and copy
-    /// when the final set would go out within the downtime budget; give up when the round
-    /// limit or the timeout is reached first.
+    /// dirtied since the last round was read and a link that ships `pages_per_s` (0 = not
+    /// measured yet): stop and copy when the final set would go out within the downtime
+    /// budget, or is too small to rate the link by; give up when the round limit or the
+    /// timeout is reached first.
     pub fn decide(&self, rounds: u32, elapsed: Duration, dirty: u64, pages_per_s: f64) -> Decision {
-        if dirty == 0 || (pages_per_s > 0.0 && dirty as f64 / pages_per_s <= budget_s(self)) {
+        if dirty < RATED_MIN_PAGES
+            || (pages_per_s > 0.0 && dirty as f64 / pages_per_s <= budget_s(self))
+        {
             Decision::StopAndCopy
         } else if rounds >= self.max_rounds || elapsed >= self.timeout {
             Decision::GiveUp
@@ -414,6 +422,9 @@ mod tests {
         assert_eq!(p.decide(1, MS, 5_000, 100_000.0), Decision::StopAndCopy);
         assert_eq!(p.decide(1, MS, 5_001, 100_000.0), Decision::Continue);
         assert_eq!(p.decide(1, MS, 0, 0.0), Decision::StopAndCopy);
+        // An idle guest's rounds are too small to rate the link by: no endless rounds of 1 page.
+        assert_eq!(p.decide(1, MS, 1, 0.0), Decision::StopAndCopy);
+        assert_eq!(p.decide(1, MS, RATED_MIN_PAGES, 0.0), Decision::Continue);
     }
 
     #[test]

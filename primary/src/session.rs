@@ -128,7 +128,7 @@ fn encoder_thread(
     totals: Arc<Totals>,
     book: Arc<Mutex<ResyncBook>>,
     mut cache: BaseCache,
-) -> Result<understudy_protocol::PageTree, PrimaryError> {
+) -> Result<(understudy_protocol::PageTree, BaseCache), PrimaryError> {
     metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
     while let Some(c) = rx.blocking_recv() {
         let dirty = cache.pages(encoder.tree(), &c.indices, c.pages.bytes(), c.zeroes);
@@ -176,8 +176,7 @@ fn encoder_thread(
             metrics::gauge!("understudy_delta_cache_bytes").set(cache.bytes() as f64);
         }
     }
-    metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
-    Ok(encoder.tree().clone())
+    Ok((encoder.tree().clone(), cache))
 }
 
 /// Stops the capture thread when dropped.
@@ -336,7 +335,7 @@ async fn ack_loop(rx: &mut FrameReader, cx: &mut AckCtx) -> Result<(), PrimaryEr
                         // low (quick eviction then snapshots more often, not too rarely).
                         let alone = f.last_ack.is_none_or(|l| l <= *oldest);
                         let busy = now.saturating_duration_since(*oldest).as_secs_f64();
-                        if alone && pages >= 64 && busy > 0.0 {
+                        if alone && pages >= crate::migrate::RATED_MIN_PAGES && busy > 0.0 {
                             f.link_rate.add(pages as f64 / busy, 0.3);
                         }
                         let took = now.saturating_duration_since(*oldest);
@@ -550,6 +549,24 @@ struct Shared {
     staging: StagingPool,
     totals: Arc<Totals>,
     clock: Instant,
+    /// The last session's delta base cache, being freed off the epoch path (dropping a
+    /// cache of a whole guest takes tens of ms, which a switchover must not wait for); a
+    /// move's eviction ends only once it is gone, since it holds guest memory.
+    cache_freed: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// Waits until the last session's delta base cache is freed.
+    fn wait_cache_freed(&self) {
+        let h = self
+            .cache_freed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
 }
 
 /// How one session ended (the VM is handed back in every case).
@@ -797,6 +814,7 @@ async fn protect(
         staging: StagingPool::default(),
         totals: Arc::new(Totals::default()),
         clock: Instant::now(),
+        cache_freed: Mutex::new(None),
     };
     let mut summary = Summary {
         sync_epochs: sync,
@@ -853,6 +871,7 @@ async fn protect(
             // here after this drop, which ends the eviction time.
             let vm_left = if ok {
                 drop(vm);
+                shared.wait_cache_freed();
                 None
             } else {
                 Some(vm)
@@ -1453,7 +1472,25 @@ async fn session(
     drop(halt);
     // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
     // state is not trusted: the next session is then a full sync).
-    let tree = encoder_handle.join().ok().and_then(Result::ok);
+    let (tree, cache) = match encoder_handle.join().ok().and_then(Result::ok) {
+        Some((tree, cache)) => (Some(tree), Some(cache)),
+        None => (None, None),
+    };
+    if let Some(cache) = cache.filter(BaseCache::enabled) {
+        sh.wait_cache_freed();
+        let freeing = std::thread::Builder::new()
+            .name("cache-free".into())
+            .spawn(move || {
+                drop(cache);
+                metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
+            });
+        match freeing {
+            Ok(h) => {
+                *sh.cache_freed.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+            }
+            Err(e) => warn!(error = %e, "cannot start a thread to free the delta cache"),
+        }
+    }
     sh.book
         .lock()
         .unwrap_or_else(|e| e.into_inner())
