@@ -679,9 +679,10 @@ fn live_rounds(
                 interval = if link.is_some() {
                     q.interval(&observed)
                 } else {
-                    q.min_interval
+                    q.unrated_interval(rate)
                 };
-                let reachable = q.reachable(&observed);
+                // Without a rated link there is nothing to judge the target by yet.
+                let reachable = link.is_none() || q.reachable(&observed);
                 if !reachable && !warned {
                     tracing::warn!(
                         dirty_pages_per_s = rate as u64,

@@ -242,6 +242,22 @@ impl QuickEviction {
     pub fn reachable(&self, o: &Observed) -> bool {
         self.expected_eviction(o, self.min_interval) <= self.target
     }
+
+    /// The interval while the link is not rated yet (only snapshots of at least
+    /// [`RATED_MIN_PAGES`] rate it): long enough for a snapshot to carry about that many pages
+    /// at `dirty_rate` pages/s, so that the link gets rated, within the interval bounds. An idle
+    /// guest gets `max_interval`; a set that small ships within any target.
+    pub fn unrated_interval(&self, dirty_rate: f64) -> Duration {
+        let secs = if dirty_rate <= 0.0 {
+            f64::INFINITY
+        } else {
+            RATED_MIN_PAGES as f64 / dirty_rate
+        };
+        Duration::from_secs_f64(secs.clamp(
+            self.min_interval.as_secs_f64(),
+            self.max_interval.as_secs_f64(),
+        ))
+    }
 }
 
 /// A smoothed rate: each new sample weighs `alpha`.
@@ -473,6 +489,14 @@ mod tests {
         // Twice the dirty rate, about half the interval; an idle guest gets the maximum.
         assert!(q.interval(&observed(20_000.0, 100_000.0)) < i / 2 + MS);
         assert_eq!(q.interval(&observed(0.0, 100_000.0)), q.max_interval);
+    }
+
+    #[test]
+    fn quick_eviction_before_the_link_is_rated_waits_for_a_ratable_snapshot() {
+        let q = QuickEviction::default(); // 10 ms .. 2 s
+        assert_eq!(q.unrated_interval(0.0), q.max_interval);
+        assert_eq!(q.unrated_interval(1_000.0), Duration::from_millis(64));
+        assert_eq!(q.unrated_interval(30_000.0), q.min_interval);
     }
 
     #[test]
