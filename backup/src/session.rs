@@ -705,6 +705,16 @@ async fn session_loop(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .is_some();
+    {
+        // Off the runtime, while the first epochs are on their way; a commit that comes
+        // first waits for it on the lock.
+        let held = Arc::clone(held);
+        drop(tokio::task::spawn_blocking(move || {
+            held.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .prepare_ahead(reprotect)
+        }));
+    }
     let mut staged: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
     let mut commits: VecDeque<(Commit, Instant)> = VecDeque::new();
     let mut last_chunk = Instant::now();
