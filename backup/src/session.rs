@@ -188,6 +188,8 @@ pub async fn run(cfg: BackupConfig, stop: Arc<AtomicBool>) -> Result<(), BackupE
                 return Ok(());
             }
             Ok(Ended::Goodbye(held)) => {
+                // The primary waits for this close before closing itself.
+                conn.close(0, "goodbye");
                 info!(peer = conn.peer_name(), "session ended");
                 if let Some(dir) = &cfg.dump_dir {
                     let held = held.lock().unwrap_or_else(|e| e.into_inner());

@@ -1552,8 +1552,12 @@ async fn session(
     )
     .await;
     let _ = tx.finish();
+    drop(tx);
     acks.abort();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The backup closes the connection once it has read the Goodbye. Closing first could
+    // overtake a Goodbye still being retransmitted on a lossy link, and the backup would take
+    // the stop for a crash.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
     conn.close(0, "done");
     (vm, Ok(SessionEnd::Finished(end)), stats)
 }
