@@ -95,7 +95,7 @@ impl Replicated {
         }
         self.retire_prepared();
         let vcpus = u8::try_from(state.vcpus.len()).map_err(|e| e.to_string());
-        let made = vcpus.and_then(|n| self.make(n, state.irqchip, dirty_logging));
+        let made = vcpus.and_then(|n| self.make(&state.regions, n, state.irqchip, dirty_logging));
         match made {
             Ok(p) => self.prepared = Some(p),
             Err(e) => {
@@ -114,23 +114,26 @@ impl Replicated {
         if self.prepared.is_some() {
             return;
         }
-        match self.make(1, true, dirty_logging) {
+        let specs = self.image.memory().specs();
+        match self.make(&specs, 1, true, dirty_logging) {
             Ok(p) => self.prepared = Some(p),
             Err(e) => tracing::debug!(error = %e, "no VM prepared ahead"),
         }
     }
 
+    /// A VM over the image's memfds, mapped as `specs` (the state's layout, which must be the
+    /// image's: a state that says otherwise fails here, as cheaply as before).
     fn make(
         &self,
+        specs: &[understudy_vmm::RegionSpec],
         vcpus: u8,
         irqchip: bool,
         dirty_logging: bool,
     ) -> Result<understudy_vmm::PreparedRestore, String> {
         let started = std::time::Instant::now();
-        let specs = self.image.memory().specs();
         let fds = self.image.memory().clone_fds().map_err(|e| e.to_string())?;
         let memory =
-            understudy_vmm::GuestMemory::from_fds(&specs, fds, false).map_err(|e| e.to_string())?;
+            understudy_vmm::GuestMemory::from_fds(specs, fds, false).map_err(|e| e.to_string())?;
         let p = understudy_vmm::Vm::prepare_restore(memory, vcpus, irqchip, dirty_logging)
             .map_err(|e| e.to_string())?;
         tracing::debug!(
