@@ -48,7 +48,12 @@ fn restore_in_another_process_continues_the_ledger() {
         .memory()
         .regions()
         .iter()
-        .map(|r| format!("/proc/{pid}/fd/{}", r.fd().as_raw_fd()))
+        .map(|r| {
+            format!(
+                "/proc/{pid}/fd/{}",
+                r.fd().expect("run's guest memory is memfds").as_raw_fd()
+            )
+        })
         .collect();
     let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
         .args(["run", "--seconds", "1.5", "--restore-state"])

@@ -14,7 +14,9 @@
 //!
 //! The cache belongs to one session (a new session starts from a full or delta resync with no
 //! known base) and is bounded: at most `capacity` pages, allocated in blocks of 2 MiB as pages
-//! are admitted (zero pages are never stored). When it is full, a new page evicts one chosen
+//! are admitted (zero pages are never stored), in anonymous huge-page memory
+//! ([`HugeBuffer`]): a move drops the cache inside its eviction time, and 512 MiB of 4 KiB
+//! pages takes the host about 35 ms to free, against about 2 ms in 2 MiB pages. When it is full, a new page evicts one chosen
 //! by the CLOCK rule: the hand skips (once) pages that were sent again since they were
 //! admitted, so the pages a guest keeps rewriting stay, and the first of those read once by a
 //! sync go first. Every operation is O(1) amortized.
@@ -25,6 +27,7 @@
 //! ```
 
 use understudy_protocol::{DirtyPage, Page, PageHash, PageTree, PAGE_SIZE, ZERO_PAGE_HASH};
+use understudy_vmm::HugeBuffer;
 
 /// The cache's bound in bytes for a session: what the move's request asked for, else what the
 /// primary was configured with, else [`crate::DEFAULT_MOVE_DELTA_CACHE`] for a move and
@@ -53,7 +56,7 @@ pub(crate) struct BaseCache {
     /// Slot -> sent again since admitted or since the hand last passed (CLOCK bit).
     referenced: Vec<bool>,
     /// Slot contents, `BLOCK_PAGES` pages per block (the last one may be shorter).
-    blocks: Vec<Box<[u8]>>,
+    blocks: Vec<HugeBuffer>,
     /// Slots emptied by [`BaseCache::forget`], reused first.
     free: Vec<u32>,
     /// The CLOCK hand: the next slot considered for eviction.
@@ -206,8 +209,16 @@ impl BaseCache {
         if used < self.capacity {
             if (used as usize).is_multiple_of(BLOCK_PAGES) {
                 let len = BLOCK_PAGES.min((self.capacity - used) as usize);
-                self.blocks
-                    .push(vec![0u8; len * PAGE_SIZE].into_boxed_slice());
+                match HugeBuffer::new(len * PAGE_SIZE) {
+                    Ok(b) => self.blocks.push(b),
+                    Err(e) => {
+                        // The host is out of memory (or mappings): the cache stops growing
+                        // and recycles what it has; pages it cannot hold go as Full records.
+                        tracing::warn!(error = %e, "the delta base cache cannot grow");
+                        self.capacity = used;
+                        return self.admit();
+                    }
+                }
             }
             self.owner.push(NONE);
             self.hashes.push([0; 32]);

@@ -1,6 +1,7 @@
 //! The Understudy micro-VMM, built on kvm-ioctls.
 //!
-//! - [`memory`]: guest memory in memfd-backed regions that another VM can map without a copy;
+//! - [`memory`]: guest memory in memfd-backed regions that another VM can map without a copy, or
+//!   in anonymous huge-page memory that frees fast;
 //! - [`vm`]: a VM with vCPU threads, `pause()`/`resume()`, `take_dirty()`, state and restore;
 //! - [`state`]: the versioned VM state blob, saved component by component ([`state::Persist`]);
 //! - [`devices::serial`]: COM1 behind the output-commit gate;
@@ -23,7 +24,7 @@ pub mod vm;
 
 pub use devices::serial::{ConsoleFile, ConsoleFileError, MemorySink, OutputGate};
 pub use dirty::DirtySet;
-pub use memory::{GuestMemory, RegionSpec, PAGE_SIZE};
+pub use memory::{Backing, GuestMemory, HugeBuffer, RegionSpec, PAGE_SIZE};
 pub use state::VmState;
 pub use uffd::{Fault, LazyMemory, UffdError};
 pub use vcpu::ExitReason;

@@ -125,6 +125,8 @@ pub enum UffdError {
     Api(#[source] io::Error),
     #[error("this kernel's userfaultfd cannot {0}")]
     Unsupported(&'static str),
+    #[error("region {0} is anonymous memory; on-demand filling needs memfd-backed regions")]
+    NotMemfd(usize),
     #[error(
         "the memfd of region {index} has {allocated} of {size} bytes allocated; fallocate it first"
     )]
@@ -297,7 +299,7 @@ impl LazyMemory {
         let mut first = 0;
         for (index, r) in memory.regions().iter().enumerate() {
             let spec = r.spec();
-            let fd = r.fd().as_raw_fd();
+            let fd = r.fd().ok_or(UffdError::NotMemfd(index))?.as_raw_fd();
             let allocated =
                 allocated_bytes(fd).map_err(|source| UffdError::Register { index, source })?;
             if allocated < spec.size {

@@ -21,7 +21,7 @@ use crate::boot::{longmode, multiboot};
 use crate::devices::serial::{OutputGate, SerialConsole, SerialStateError};
 use crate::dirty::DirtySet;
 use crate::guests::layout::{AP_PARK_GPA, CODE_GPA, COM1_PORT, STACK_TOP};
-use crate::memory::{GuestMemory, MemoryError, RegionSpec};
+use crate::memory::{Backing, GuestMemory, MemoryError, RegionSpec};
 use crate::state::vcpu::{KvmVcpu, SaveSteps};
 use crate::state::{Persist, VcpuStateError, VmState};
 use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, Parked, VcpuEnv, VcpuHandle};
@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Track dirty pages from the start.
     pub dirty_logging: bool,
+    /// What backs guest memory (memfds by default).
+    pub backing: Backing,
 }
 
 impl VmConfig {
@@ -53,6 +55,7 @@ impl VmConfig {
             }],
             vcpus: 1,
             dirty_logging: false,
+            backing: Backing::Memfd,
         }
     }
 }
@@ -393,7 +396,7 @@ fn set_slots(fd: &VmFd, memory: &GuestMemory, dirty_logging: bool) -> Result<(),
 impl Vm {
     /// Creates fresh memory, loads the guest and starts its vCPUs.
     pub fn boot(config: &VmConfig, boot: Boot<'_>, gate: Arc<OutputGate>) -> Result<Self, VmError> {
-        let memory = Arc::new(GuestMemory::new(&config.regions)?);
+        let memory = Arc::new(GuestMemory::with_backing(&config.regions, config.backing)?);
         let irqchip = matches!(boot, Boot::Multiboot { .. });
         let p = prepare(&memory, config.vcpus, config.dirty_logging, irqchip)?;
         let load_program = |code: &[u8], entry: u64| -> Result<_, VmError> {

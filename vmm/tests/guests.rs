@@ -57,6 +57,7 @@ fn boot_vcpus(w: &Workload, memory: u64, dirty_logging: bool, vcpus: u8) -> (Vm,
     let console = Console::default();
     let config = VmConfig {
         dirty_logging,
+        backing: Default::default(),
         vcpus,
         ..VmConfig::new(memory)
     };

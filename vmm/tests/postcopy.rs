@@ -83,6 +83,7 @@ fn ledger_continues_on_memory_filled_on_demand() {
         regions: specs.clone(),
         vcpus: 1,
         dirty_logging: false,
+        backing: Default::default(),
     };
     let mut vm = Vm::boot(
         &config,

@@ -11,7 +11,7 @@ use understudy_vmm::guests::Workload;
 use understudy_vmm::memory::split_regions;
 use understudy_vmm::state::{StateDecodeError, DEFAULT_STATE_LIMIT};
 use understudy_vmm::{
-    Boot, GuestMemory, MemorySink, OutputGate, Vm, VmConfig, VmError, VmState, PAGE_SIZE,
+    Backing, Boot, GuestMemory, MemorySink, OutputGate, Vm, VmConfig, VmError, VmState, PAGE_SIZE,
 };
 
 /// Fails (never skips) when the machine has no usable KVM.
@@ -69,12 +69,24 @@ fn boot(config: &VmConfig, w: &Workload) -> (Vm, MemorySink) {
 /// an epoch must be in its dirty set.
 #[test]
 fn dirty_set_is_exact_across_regions() {
+    dirty_set_is_exact(Backing::Memfd);
+}
+
+/// The same over anonymous huge-page memory (what a primary runs its guest in): KVM logs dirty
+/// pages at 4 KiB there too.
+#[test]
+fn dirty_set_is_exact_across_anonymous_regions() {
+    dirty_set_is_exact(Backing::Anonymous);
+}
+
+fn dirty_set_is_exact(backing: Backing) {
     let regions = split_regions(48 << 20, 3);
     let ws_pages = (24u64 << 20) / PAGE_SIZE;
     let config = VmConfig {
         regions: regions.clone(),
         vcpus: 1,
         dirty_logging: true,
+        backing,
     };
     let w = workload(
         "dirty",
@@ -201,6 +213,7 @@ fn failed_dirty_read_keeps_the_dirty_set() {
         regions: regions.clone(),
         vcpus: 1,
         dirty_logging: true,
+        backing: Default::default(),
     };
     let w = workload("idle", &[]);
     let (mut vm, _) = boot(&config, &w);
