@@ -55,6 +55,12 @@ pub enum PrimaryError {
     Vm(#[from] VmError),
     #[error("reading guest memory")]
     Memory(#[from] understudy_vmm::memory::MemoryError),
+    #[error("allocating {bytes} bytes to stage captured pages (is the host out of memory?)")]
+    Staging {
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("encoding an epoch")]
     Encode(#[from] understudy_protocol::EncodeError),
     #[error("writing the dump")]
