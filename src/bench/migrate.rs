@@ -25,7 +25,9 @@
 //! - guest-seen stall: the largest `maxgap_ms` on the MD lines "around the move": the source's
 //!   lines printed after the move was asked for, and the destination's lines up to the first
 //!   one whose guest time `t` is past the move's end (guest time of the last line before the
-//!   move + the move's wall time + 1 s);
+//!   move + the move's wall time + 1 s). For quick eviction the move starts with `migrate` (the
+//!   full sync and the background snapshots count); the notes add the stall from the eviction
+//!   request on, computed the same way from the lines printed after it;
 //! - eviction / total migration time: ours = the report's `eviction_ms` (precopy: the request to
 //!   the source's VM being gone, i.e. the whole move; quick eviction: from the eviction request);
 //!   QEMU's = its `total-time`;
@@ -598,6 +600,8 @@ fn ours_inner(
     let before = md_lines(&src_console.get()).len();
     let admin_s = admin.to_string();
     let asked = Instant::now();
+    // Quick eviction: MD lines and the clock when the eviction (not the move) was asked for.
+    let mut evicted: Option<(usize, Instant)> = None;
     let (ok, out, err) = run_self(&[
         "migrate",
         "--admin",
@@ -615,6 +619,7 @@ fn ours_inner(
             src.err
                 .wait_for("full sync sent", timeout, "the source's full sync")?;
             std::thread::sleep(Duration::from_secs_f64(s.args.snapshots_for));
+            evicted = Some((md_lines(&src_console.get()).len(), Instant::now()));
             let (_, out, err) = run_self(&["evict", "--admin", &admin_s, "--json"])?;
             serde_json::from_str(&out).with_context(|| format!("evict said: {out}{err}"))?
         }
@@ -655,6 +660,21 @@ fn ours_inner(
         before,
         whole.as_secs_f64(),
     );
+    if let Some((lines, at)) = evicted {
+        // The stall column covers the whole move (full sync and background snapshots too);
+        // this is the part from the eviction request on, for the notes.
+        let e = guest_seen(
+            &src_console.get(),
+            &dst.out.get(),
+            lines,
+            (at.elapsed().as_secs_f64() - s.args.after).max(0.0),
+        );
+        row.note = format!(
+            "{}; stall from the eviction request on {} ms",
+            row.note,
+            ms(e.stall_ms)
+        );
+    }
     Ok(())
 }
 
