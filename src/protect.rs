@@ -377,6 +377,13 @@ pub struct BackupArgs {
     /// Address to listen on (UDP, QUIC).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// CPU priority (nice, 0-19) of the backup's replication work: receiving, decoding and
+    /// applying epochs, heartbeats. The default 10 keeps it below the VMs of this host, which
+    /// it would otherwise preempt for tens of milliseconds during a full sync. A VM this backup
+    /// starts (promotion, postcopy) runs its vCPUs at the priority the process started with;
+    /// after a promotion with --protect-to, the re-protection's threads keep this value.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
     /// The VM this backup protects; a primary for another VM id is refused.
     #[arg(long, default_value = "vm-1")]
     vm_id: String,
@@ -519,7 +526,16 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         protect_to: std::sync::Mutex::new(protect_to),
         status,
         console_file: console_file(args.console_file.as_deref())?,
+        vm_thread: Some(std::sync::Arc::new(
+            understudy_backup::VmThread::start().context("starting the VM start thread")?,
+        )),
     };
+    // Every thread made from here on (the runtime's) inherits the lower priority; the VM
+    // start thread above keeps the original one for the vCPUs.
+    if args.nice > 0 {
+        understudy_vmm::set_thread_nice(args.nice)
+            .with_context(|| format!("lowering the backup's priority to nice {}", args.nice))?;
+    }
     runtime()?.block_on(async move {
         if let Some((addr, admin)) = admin {
             crate::admin::serve(addr, admin).await?;

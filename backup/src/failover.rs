@@ -197,15 +197,19 @@ pub(crate) async fn take_over(
         .unwrap_or_else(|e| e.into_inner())
         .take();
     let logging = reprotect.is_some();
-    let (vm, gate, epoch) =
-        match tokio::task::spawn_blocking(move || promote(&held2, gate, logging)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                error!(error = %e, "promotion failed");
-                return Err(BackupError::Promote(e));
-            }
-            Err(e) => return Err(BackupError::Promote(e.to_string())),
-        };
+    // On the VM start thread: the vCPU threads inherit its normal priority.
+    let (vm, gate, epoch) = match crate::vmthread::run_vm_job(cfg.vm_thread.as_deref(), move || {
+        promote(&held2, gate, logging)
+    })
+    .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            error!(error = %e, "promotion failed");
+            return Err(BackupError::Promote(e));
+        }
+        Err(e) => return Err(BackupError::Promote(e)),
+    };
     let promotion = t.elapsed();
     if let Some(conn) = confirm {
         conn.close(4, "promoted: the VM runs on the backup");

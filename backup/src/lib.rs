@@ -20,6 +20,9 @@ mod image;
 mod persist;
 mod postcopy;
 mod session;
+mod vmthread;
+
+pub use vmthread::VmThread;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,4 +66,7 @@ pub struct BackupConfig {
     /// After a promotion, also write console bytes at their stream offsets here (the file the
     /// primary writes: each byte ends up in it once).
     pub console_file: Option<understudy_vmm::ConsoleFile>,
+    /// Where VMs are started (promotion, postcopy destination), when the process runs its
+    /// replication work below normal priority; `None`: on the blocking pool.
+    pub vm_thread: Option<std::sync::Arc<VmThread>>,
 }

@@ -56,9 +56,11 @@ pub(crate) async fn serve(
     hello: &Hello,
     image: HotImage,
     limits: &Limits,
-    failure_timeout: Duration,
+    cfg: &crate::BackupConfig,
 ) -> Result<Vm, SessionError> {
     debug_assert_eq!(hello.mode, Mode::Postcopy);
+    let failure_timeout = cfg.failure_timeout;
+    let vm_thread = cfg.vm_thread.clone();
     let specs = image.memory().specs();
     let fds = image
         .memory()
@@ -93,10 +95,16 @@ pub(crate) async fn serve(
         let times = Arc::clone(&times);
         let stop = Arc::clone(&stop_faults);
         let out = out_tx.clone();
-        std::thread::Builder::new()
-            .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&lazy, &times, &stop, &out))
-            .map_err(|e| SessionError::Link(e.to_string()))?
+        // The guest waits on this thread's answers: it starts from the VM start thread, at the
+        // priority the VM's vCPUs get.
+        crate::vmthread::run_vm_job(vm_thread.as_deref(), move || {
+            std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn(move || fault_loop(&lazy, &times, &stop, &out))
+        })
+        .await
+        .map_err(SessionError::Link)?
+        .map_err(|e| SessionError::Link(e.to_string()))?
     };
     let result = run(
         conn,
@@ -107,6 +115,7 @@ pub(crate) async fn serve(
         &out_tx,
         limits,
         failure_timeout,
+        vm_thread.as_deref(),
     )
     .await;
     stop_faults.store(true, Ordering::SeqCst);
@@ -199,6 +208,7 @@ async fn run(
     out: &mpsc::UnboundedSender<Message>,
     limits: &Limits,
     failure_timeout: Duration,
+    vm_thread: Option<&crate::VmThread>,
 ) -> Result<Vm, SessionError> {
     // Chunks: decode and verify off the runtime, then write each page once.
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<u64, String>>(64);
@@ -299,9 +309,9 @@ async fn run(
                             let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
                             let t = Instant::now();
                             let mem = Arc::clone(&memory);
-                            let v = tokio::task::spawn_blocking(move || Vm::restore(mem, &state, gate, false, false))
+                            let v = crate::vmthread::run_vm_job(vm_thread, move || Vm::restore(mem, &state, gate, false, false))
                                 .await
-                                .map_err(|e| SessionError::Link(e.to_string()))?
+                                .map_err(SessionError::Link)?
                                 .map_err(|e| SessionError::Apply { epoch: c.epoch, reason: format!("restoring the VM: {e}") })?;
                             let _ = out.send(Message::Ack(Ack { epoch: c.epoch }));
                             info!(

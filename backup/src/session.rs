@@ -495,8 +495,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     let image = image.expect("a Welcome comes with an image");
     if hello.mode == understudy_protocol::Mode::Postcopy {
         info!(version, vm = %hello.vm_id, "postcopy move accepted: the VM will run here before its memory has arrived");
-        let vm = crate::postcopy::serve(conn, tx, rx, &hello, image, &limits, cfg.failure_timeout)
-            .await?;
+        let vm = crate::postcopy::serve(conn, tx, rx, &hello, image, &limits, cfg).await?;
         return Ok(Ended::Postcopied(vm));
     }
     let pages = image.memory().size() / understudy_protocol::PAGE_SIZE as u64;

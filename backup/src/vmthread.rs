@@ -1,0 +1,107 @@
+//! The thread that starts this process's VMs.
+//!
+//! Linux keeps a nice value per thread and a new thread inherits its creator's. The backup's
+//! replication work (receiving, decoding and applying epochs) runs below normal priority
+//! (`understudy backup --nice`, 10 by default), so that on a host that also runs VMs it takes
+//! the CPU only when they leave it: on our 2-core bench host, the backup's threads at nice 0
+//! preempted the source guest's vCPU for 16-23 ms at a time during a move's full sync, against
+//! 5-9 ms at nice 10. A VM this backup starts (a promotion, a postcopy destination) must not
+//! inherit that priority, and raising a thread's priority again needs CAP_SYS_NICE. So its
+//! vCPU threads are started from this thread, made before the process lowered its priority.
+
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread at the process's original priority that runs the jobs that start VMs.
+pub struct VmThread {
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl VmThread {
+    /// Starts the thread; call it before lowering the process's priority.
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("vm-start".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })?;
+        Ok(VmThread {
+            jobs: Mutex::new(tx),
+        })
+    }
+
+    /// Runs `f` on the thread and returns its result.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| "the VM start thread has ended".to_string())?;
+        rx.await
+            .map_err(|_| "the VM start thread dropped the job".to_string())
+    }
+}
+
+/// Runs `f` on `vm_thread` if there is one, else on the blocking pool (a process that did not
+/// lower its priority).
+pub(crate) async fn run_vm_job<R: Send + 'static>(
+    vm_thread: Option<&VmThread>,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, String> {
+    match vm_thread {
+        Some(t) => t.run(f).await,
+        None => tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This thread's nice value (field 19 of /proc/thread-self/stat).
+    fn nice_here() -> i64 {
+        let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn vm_threads_keep_the_priority_the_process_started_with() {
+        let base = nice_here();
+        let t = VmThread::start().unwrap();
+        let lowered = (base + 3).min(19);
+        understudy_vmm::set_thread_nice(lowered as i32).unwrap();
+        let inherited = std::thread::spawn(nice_here).join().unwrap();
+        assert_eq!(
+            inherited, lowered,
+            "a thread inherits its creator's nice value"
+        );
+        let (name, vcpu_like) = t
+            .run(|| {
+                let name = std::thread::current().name().map(str::to_string);
+                (name, std::thread::spawn(nice_here).join().unwrap())
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("vm-start"));
+        assert_eq!(
+            vcpu_like, base,
+            "threads started by a VM job keep the original priority"
+        );
+        assert_eq!(run_vm_job(None, || 7).await, Ok(7));
+    }
+}
