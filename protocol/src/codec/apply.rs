@@ -161,7 +161,7 @@ pub enum ApplyError {
     DeltaHash(u32),
     /// A `Full` record without its data page.
     #[error("page {0}: Full record without its data")]
-    FullHash(u32),
+    MissingData(u32),
     /// A `Zero` record that claims another hash than the zero page's.
     #[error("page {0}: Zero record with another hash than the zero page's")]
     ZeroHash(u32),
@@ -400,7 +400,7 @@ impl EpochAssembler {
                     _ => ZERO_PAGE_HASH,
                 },
                 RecordKind::Full => {
-                    let data = c.data_page(r.slot).ok_or(ApplyError::FullHash(r.page))?;
+                    let data = c.data_page(r.slot).ok_or(ApplyError::MissingData(r.page))?;
                     match r.hash {
                         // Verified against the data when the chunk was decoded.
                         Some(h) => h,
