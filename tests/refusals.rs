@@ -1,6 +1,6 @@
 //! Peers the backup must refuse, each with a reason an operator can act on, on both sides, and
 //! nothing applied: a primary for another VM, one with an expired certificate, and one that
-//! speaks no protocol version the backup speaks. (A certificate from another CA: tests/protect.rs.)
+//! speaks no protocol version the backup speaks (too new, or too old: version 1). (A certificate from another CA: tests/protect.rs.)
 
 mod common;
 
@@ -112,21 +112,28 @@ fn an_expired_certificate_is_refused_with_the_reason() {
 #[test]
 fn a_protocol_version_the_backup_does_not_speak_is_refused_with_the_reason() {
     require_kvm(); // the primary boots its guest before it says hello
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    certs(&d.join("certs"), &["primary", "backup"]);
-    let port = free_port();
-    let b = backup(d, port);
-    let err = refused_primary(d, port, &["--announce-versions", "9-9"]);
-    assert!(
-        err.contains("refused") && err.to_lowercase().contains("version"),
-        "the primary does not say why:\n{err}"
-    );
-    b.wait_for("refused the primary", Duration::from_secs(10));
-    assert!(
-        b.err().to_lowercase().contains("version"),
-        "the backup does not say why:\n{}",
-        b.err()
-    );
-    assert_nothing_applied(&b);
+                   // A primary too new (9), and one too old: version 1 is no longer spoken since protocol 3.
+    for (versions, advice) in [
+        ("9-9", "upgrade the backup"),
+        ("1-1", "upgrade the primary"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        certs(&d.join("certs"), &["primary", "backup"]);
+        let port = free_port();
+        let b = backup(d, port);
+        let err = refused_primary(d, port, &["--announce-versions", versions]);
+        assert!(
+            err.contains("refused") && err.to_lowercase().contains("version"),
+            "{versions}: the primary does not say why:\n{err}"
+        );
+        assert!(err.contains(advice), "{versions}: no advice:\n{err}");
+        b.wait_for("refused the primary", Duration::from_secs(10));
+        assert!(
+            b.err().to_lowercase().contains("version"),
+            "{versions}: the backup does not say why:\n{}",
+            b.err()
+        );
+        assert_nothing_applied(&b);
+    }
 }

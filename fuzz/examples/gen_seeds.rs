@@ -26,8 +26,8 @@ fn main() {
     // Messages.
     let msgs = [
         Message::Hello(Hello {
-            min_version: 1,
-            max_version: 2,
+            min_version: 2,
+            max_version: 3,
             mode: Mode::Protect,
             vm_id: "vm".into(),
             layout: MemoryLayout::flat(64),
@@ -37,7 +37,7 @@ fn main() {
             }),
         }),
         Message::Welcome(Welcome {
-            version: 2,
+            version: 3,
             resumed: false,
             epoch: 0,
             digest: Digest([1; 32]),
@@ -99,72 +99,77 @@ fn main() {
                 .for_each(|(k, b)| *b = ((k as u32).wrapping_mul(2654435761) >> 13) as u8),
         }
     }
-    let cfg = EncoderConfig {
-        data_pages_per_chunk: 4,
-        ..EncoderConfig::default()
-    };
-    let mut st = EncoderState::new(pages as u32, cfg);
-    let list = |img: &[u8], base: Option<&[u8]>| -> Vec<(u32, Vec<u8>, Option<Vec<u8>>)> {
-        (0..pages)
-            .map(|i| {
-                let r = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
-                (
-                    i as u32,
-                    img[r.clone()].to_vec(),
-                    base.map(|b| b[r].to_vec()),
-                )
+    // Chunk format 2 (protocol 2) seeds keep their names; format 3 seeds are `f3-...`.
+    for (version, prefix) in [(2u16, ""), (3, "f3-")] {
+        let cfg = EncoderConfig {
+            version,
+            data_pages_per_chunk: 4,
+            ..EncoderConfig::default()
+        };
+        let mut st = EncoderState::new(pages as u32, cfg);
+        let list = |img: &[u8], base: Option<&[u8]>| -> Vec<(u32, Vec<u8>, Option<Vec<u8>>)> {
+            (0..pages)
+                .map(|i| {
+                    let r = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+                    (
+                        i as u32,
+                        img[r.clone()].to_vec(),
+                        base.map(|b| b[r].to_vec()),
+                    )
+                })
+                .collect()
+        };
+        let owned = list(&img, None);
+        let dirty: Vec<DirtyPage<'_>> = owned
+            .iter()
+            .map(|(i, d, _)| DirtyPage {
+                index: *i,
+                data: d.as_slice().try_into().unwrap(),
+                base: None,
             })
-            .collect()
-    };
-    let owned = list(&img, None);
-    let dirty: Vec<DirtyPage<'_>> = owned
-        .iter()
-        .map(|(i, d, _)| DirtyPage {
-            index: *i,
-            data: d.as_slice().try_into().unwrap(),
-            base: None,
-        })
-        .collect();
-    let e1 = st.encode_epoch(1, &dirty, 1).unwrap();
-    let mut next = img.clone();
-    next[5 * PAGE_SIZE + 9] ^= 0xff; // delta
-    let (a, b) = next.split_at_mut(9 * PAGE_SIZE);
-    b[..PAGE_SIZE].copy_from_slice(&a[PAGE_SIZE..2 * PAGE_SIZE]); // page 9 = page 1: Ref
-    next[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0); // zero
-    let owned2 = list(&next, Some(&img));
-    let dirty2: Vec<DirtyPage<'_>> = owned2
-        .iter()
-        .filter(|(i, _, _)| [2, 5, 9].contains(i))
-        .map(|(i, d, b)| DirtyPage {
-            index: *i,
-            data: d.as_slice().try_into().unwrap(),
-            base: b.as_ref().map(|b| b.as_slice().try_into().unwrap()),
-        })
-        .collect();
-    let e2 = st.encode_epoch(2, &dirty2, 1).unwrap();
-    for (name, f) in e1
-        .chunks
-        .iter()
-        .take(3)
-        .map(|f| ("e1", f))
-        .chain(e2.chunks.iter().map(|f| ("e2", f)))
-        .enumerate()
-        .map(|(k, (e, f))| (format!("{e}-{k}"), f))
-    {
-        // chunk_decoder: version, image pages - 1, payload (a seed that decodes)
-        let decoded = understudy_protocol::decode_chunk(
-            2,
-            &f[16..],
-            pages as u64,
-            &understudy_protocol::Limits::default(),
-        );
-        assert!(decoded.is_ok(), "seed chunk does not decode: {decoded:?}");
-        let mut c = vec![2u8, (pages - 1) as u8];
-        c.extend_from_slice(&f[16..]);
-        write("chunk_decoder", &name, &c);
-        let mut fd = vec![13u8];
-        fd.extend_from_slice(f);
-        write("frame_decoder", &format!("chunk-{name}"), &fd);
+            .collect();
+        let e1 = st.encode_epoch(1, &dirty, 1).unwrap();
+        let mut next = img.clone();
+        next[5 * PAGE_SIZE + 9] ^= 0xff; // delta
+        let (a, b) = next.split_at_mut(9 * PAGE_SIZE);
+        b[..PAGE_SIZE].copy_from_slice(&a[PAGE_SIZE..2 * PAGE_SIZE]); // page 9 = page 1: Ref
+        next[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0); // zero
+        let owned2 = list(&next, Some(&img));
+        let dirty2: Vec<DirtyPage<'_>> = owned2
+            .iter()
+            .filter(|(i, _, _)| [2, 5, 9].contains(i))
+            .map(|(i, d, b)| DirtyPage {
+                index: *i,
+                data: d.as_slice().try_into().unwrap(),
+                base: b.as_ref().map(|b| b.as_slice().try_into().unwrap()),
+            })
+            .collect();
+        let e2 = st.encode_epoch(2, &dirty2, 1).unwrap();
+        for (name, f) in e1
+            .chunks
+            .iter()
+            .take(3)
+            .map(|f| ("e1", f))
+            .chain(e2.chunks.iter().map(|f| ("e2", f)))
+            .enumerate()
+            .map(|(k, (e, f))| (format!("{prefix}{e}-{k}"), f))
+        {
+            // chunk_decoder: version, image pages - 1, payload (a seed that decodes)
+            let decoded = understudy_protocol::decode_chunk(
+                version,
+                &f[16..],
+                pages as u64,
+                &understudy_protocol::Limits::default(),
+            );
+            assert!(decoded.is_ok(), "seed chunk does not decode: {decoded:?}");
+            assert_eq!(decoded.unwrap().format, version);
+            let mut c = vec![version as u8, (pages - 1) as u8];
+            c.extend_from_slice(&f[16..]);
+            write("chunk_decoder", &name, &c);
+            let mut fd = vec![13u8];
+            fd.extend_from_slice(f);
+            write("frame_decoder", &format!("chunk-{name}"), &fd);
+        }
     }
 
     // epoch_commit: order byte, then (page, kind|flags, source, fill) records.
@@ -181,6 +186,24 @@ fn main() {
         &[3, 1, 1, 0, 7, 2, 2, 1, 0, 3, 2, 2, 0],
     );
     write("epoch_commit", "empty", &[0]);
+    // The same in chunk format 3 (order byte bit 0x40), and one whose Full data is altered.
+    write(
+        "epoch_commit",
+        "f3-mixed",
+        &[
+            0x40, 0, 1, 0, 9, 1, 1, 2, 5, 2, 2, 0, 0, 3, 3, 0, 7, 0x83, 4, 1, 6, 2, 1, 0,
+        ],
+    );
+    write(
+        "epoch_commit",
+        "f3-chain",
+        &[0x43, 1, 1, 0, 7, 2, 2, 1, 0, 3, 2, 2, 0],
+    );
+    write(
+        "epoch_commit",
+        "f3-altered",
+        &[0x40, 0, 0x41, 0, 9, 1, 1, 2, 5],
+    );
     state_seeds();
     println!("seeds written");
 }

@@ -2,11 +2,14 @@
 //!
 //! The input describes one epoch over an 8-page image: 4 bytes per record (page, kind and
 //! flags, source, fill byte), cut into chunks where a flag says so and delivered in an order
-//! drawn from the first byte. The harness writes real chunks (correct hashes unless a flag
-//! corrupts one), runs them through `ChunkDecoder`, `EpochAssembler` and `commit`, and checks
-//! the outcome against the model: a valid epoch must apply and give the model's image and
-//! digest; an invalid one (page written twice, Ref to itself, Ref to a Ref destination, a
-//! wrong hash) must be rejected with the image and replica untouched.
+//! drawn from the first byte, whose bit 0x40 picks chunk format 3 (records without hashes)
+//! over format 2. The harness writes real chunks (format 2: correct hashes unless a flag
+//! corrupts one; format 3: the flag alters a Full page's data, a Delta or a Ref's source),
+//! runs them through `ChunkDecoder`, `EpochAssembler` and `commit` against the digest an honest
+//! primary would send, and checks the outcome against the model: a valid epoch must apply and
+//! give the model's image and digest; an invalid one (page written twice, Ref to itself, Ref
+//! to a Ref destination, a wrong hash, format 3: content that changes the image) must be
+//! rejected with the image and replica untouched.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -73,53 +76,104 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
 
-    // The model.
-    let mut valid = true;
+    // Chunk format: 2 (records carry hashes; `corrupt` flips a record's hash) or 3 (no hashes;
+    // `corrupt` alters what the hash covered: a Full page's data, a Delta's XOR, a Ref's source;
+    // nothing for Zero). Either way only the image digest or a record check can catch it.
+    let format: u16 = if order_seed & 0x40 != 0 { 3 } else { 2 };
+    let v3 = format == 3;
+    let sent_source = |r: &Rec| {
+        if v3 && r.corrupt && r.kind == Kind::Ref {
+            (r.source + 1) % PAGES
+        } else {
+            r.source
+        }
+    };
+    let sent_delta = |r: &Rec| {
+        let mut x = delta_payload(r.fill);
+        if v3 && r.corrupt {
+            x[PAGE_SIZE - 1] ^= 1;
+        }
+        x
+    };
+    let sent_full = |r: &Rec| {
+        let mut x = vec![r.fill; PAGE_SIZE];
+        if v3 && r.corrupt {
+            x[0] ^= 1;
+        }
+        x
+    };
+
+    // The model: which records are well formed (each page written once, no Ref to itself or to
+    // a Ref destination), and the content each record gives its page under the `Ref` rule.
     let mut written = [None::<usize>; PAGES];
+    let mut dup = false;
     for (k, r) in recs.iter().enumerate() {
         if written[r.page].is_some() {
-            valid = false;
+            dup = true;
         }
         written[r.page] = Some(k);
     }
-    let mut expected = initial.clone();
-    let mut content: Vec<Vec<u8>> = Vec::new();
-    for r in &recs {
-        let new = match r.kind {
-            Kind::Zero => vec![0u8; PAGE_SIZE],
-            Kind::Full => vec![r.fill; PAGE_SIZE],
-            Kind::Delta => page(&initial, r.page)
-                .iter()
-                .zip(delta_payload(r.fill))
-                .map(|(a, b)| a ^ b)
-                .collect(),
-            Kind::Ref => Vec::new(),
-        };
-        content.push(new);
-    }
-    let final_of = |p: usize, content: &Vec<Vec<u8>>| -> Vec<u8> {
-        match written[p] {
-            Some(k) if recs[k].kind != Kind::Ref => content[k].clone(),
-            _ => page(&initial, p).to_vec(),
-        }
-    };
-    for (k, r) in recs.iter().enumerate() {
-        if r.kind == Kind::Ref {
-            let src_is_ref = written[r.source].is_some_and(|j| recs[j].kind == Kind::Ref);
-            if r.source == r.page || src_is_ref {
-                valid = false;
-            }
-            content[k] = final_of(r.source, &content);
-        }
-        if r.corrupt {
-            valid = false;
-        }
-    }
-    if valid {
+    // (well formed, content per record) for the records with these sources and payloads.
+    let describe = |source: &dyn Fn(&Rec) -> usize,
+                    full: &dyn Fn(&Rec) -> Vec<u8>,
+                    delta: &dyn Fn(&Rec) -> Vec<u8>|
+     -> (bool, Vec<Vec<u8>>) {
+        let mut ok = !dup;
+        let mut content: Vec<Vec<u8>> = recs
+            .iter()
+            .map(|r| match r.kind {
+                Kind::Zero => vec![0u8; PAGE_SIZE],
+                Kind::Full => full(r),
+                Kind::Delta => page(&initial, r.page)
+                    .iter()
+                    .zip(delta(r))
+                    .map(|(a, b)| a ^ b)
+                    .collect(),
+                Kind::Ref => Vec::new(),
+            })
+            .collect();
         for (k, r) in recs.iter().enumerate() {
-            expected[r.page * PAGE_SIZE..(r.page + 1) * PAGE_SIZE].copy_from_slice(&content[k]);
+            if r.kind != Kind::Ref {
+                continue;
+            }
+            let src = source(r);
+            let src_is_ref = written[src].is_some_and(|j| recs[j].kind == Kind::Ref);
+            if src == r.page || src_is_ref {
+                ok = false;
+            }
+            content[k] = match written[src] {
+                Some(j) if recs[j].kind != Kind::Ref => content[j].clone(),
+                _ => page(&initial, src).to_vec(),
+            };
         }
-    }
+        (ok, content)
+    };
+    let apply = |content: &[Vec<u8>]| {
+        let mut img = initial.clone();
+        for (k, r) in recs.iter().enumerate() {
+            img[r.page * PAGE_SIZE..(r.page + 1) * PAGE_SIZE].copy_from_slice(&content[k]);
+        }
+        img
+    };
+    let honest_full = |r: &Rec| vec![r.fill; PAGE_SIZE];
+    let honest_delta = |r: &Rec| delta_payload(r.fill);
+    let (honest_ok, content) = describe(&|r: &Rec| r.source, &honest_full, &honest_delta);
+    // The digest an honest primary would send: the image the honest records describe (applied
+    // in order, even when they are malformed), so only the records' own faults can make the
+    // commit fail.
+    let honest_image = apply(&content);
+    let (sent_ok, sent_content) = describe(&sent_source, &sent_full, &sent_delta);
+    let valid = if v3 {
+        // Without hashes a change is refused exactly when it changes the image.
+        sent_ok && apply(&sent_content) == honest_image
+    } else {
+        honest_ok && !recs.iter().any(|r| r.corrupt)
+    };
+    let expected = if valid {
+        honest_image.clone()
+    } else {
+        initial.clone()
+    };
 
     // Real chunks.
     let mut chunks: Vec<Vec<usize>> = Vec::new();
@@ -135,26 +189,34 @@ fuzz_target!(|data: &[u8]| {
         let mut raw = Vec::new();
         for &k in ks {
             let r = &recs[k];
-            let mut h = match r.kind {
-                Kind::Zero => ZERO_PAGE_HASH,
-                _ => hash(&content[k]),
-            };
-            if r.corrupt {
-                h[0] ^= 1;
-            }
-            recbytes.extend_from_slice(&(r.page as u32).to_le_bytes());
-            recbytes.push(r.kind as u8);
-            recbytes.extend_from_slice(&[0, 0, 0]);
             let src = if r.kind == Kind::Ref {
-                r.source as u32
+                sent_source(r) as u32
             } else {
                 0
             };
-            recbytes.extend_from_slice(&src.to_le_bytes());
-            recbytes.extend_from_slice(&h);
+            if v3 {
+                recbytes.push(r.kind as u8);
+                recbytes.extend_from_slice(&(r.page as u32).to_le_bytes());
+                if r.kind == Kind::Ref {
+                    recbytes.extend_from_slice(&src.to_le_bytes());
+                }
+            } else {
+                let mut h = match r.kind {
+                    Kind::Zero => ZERO_PAGE_HASH,
+                    _ => hash(&content[k]),
+                };
+                if r.corrupt {
+                    h[0] ^= 1;
+                }
+                recbytes.extend_from_slice(&(r.page as u32).to_le_bytes());
+                recbytes.push(r.kind as u8);
+                recbytes.extend_from_slice(&[0, 0, 0]);
+                recbytes.extend_from_slice(&src.to_le_bytes());
+                recbytes.extend_from_slice(&h);
+            }
             match r.kind {
-                Kind::Full => raw.extend_from_slice(&content[k]),
-                Kind::Delta => raw.extend_from_slice(&delta_payload(r.fill)),
+                Kind::Full => raw.extend_from_slice(&sent_full(r)),
+                Kind::Delta => raw.extend_from_slice(&sent_delta(r)),
                 _ => {}
             }
         }
@@ -164,7 +226,7 @@ fuzz_target!(|data: &[u8]| {
             zstd::bulk::compress(&raw, 1).unwrap()
         };
         let mut p = Vec::new();
-        p.extend_from_slice(&2u16.to_le_bytes());
+        p.extend_from_slice(&format.to_le_bytes());
         p.extend_from_slice(&0u16.to_le_bytes());
         p.extend_from_slice(&(seq as u32).to_le_bytes());
         p.extend_from_slice(&1u64.to_le_bytes());
@@ -187,7 +249,7 @@ fuzz_target!(|data: &[u8]| {
     let mut dec = ChunkDecoder::new(limits.clone(), PAGES as u64);
     let mut asm = EpochAssembler::new(1, limits);
     for p in &payloads {
-        if let Ok(c) = dec.decode(2, p) {
+        if let Ok(c) = dec.decode(format, p) {
             asm.add(c).unwrap();
         }
     }
@@ -198,16 +260,7 @@ fuzz_target!(|data: &[u8]| {
         epoch: 1,
         chunk_count: chunks.len() as u32,
         page_count: recs.len() as u32,
-        // The digest an honest primary would send: the model's image when valid, and when
-        // invalid the image the records describe (applied in order), so only the records'
-        // own faults can make the commit fail.
-        digest: {
-            let mut img = initial.clone();
-            for (k, r) in recs.iter().enumerate() {
-                img[r.page * PAGE_SIZE..(r.page + 1) * PAGE_SIZE].copy_from_slice(&content[k]);
-            }
-            PageTree::from_image(&img).digest()
-        },
+        digest: PageTree::from_image(&honest_image).digest(),
         state: Vec::new(),
     };
     let out = asm.commit(&commit, &mut replica, &mut image);

@@ -7,7 +7,8 @@
 use libfuzzer_sys::fuzz_target;
 use understudy_protocol::frame::{begin_frame, decode_frame, finish_frame};
 use understudy_protocol::{
-    answer_hello, FrameKind, Limits, LocalEnd, MemoryLayout, Message, PROTOCOL_VERSION,
+    answer_hello, FrameKind, Limits, LocalEnd, MemoryLayout, Message, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -38,7 +39,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Message::Hello(h) = &msg {
         let mut end = LocalEnd::new("vm");
-        end.min_version = u16::from(flags & 1) + 1;
+        // This build's range, or only its newest version.
+        end.min_version = MIN_PROTOCOL_VERSION + u16::from(flags & 1);
         end.limits = limits.clone();
         if flags & 2 != 0 {
             end.held = Some((

@@ -49,13 +49,19 @@ pub(crate) async fn move_vm(
     (vm, r, stats)
 }
 
+/// The newest protocol version postcopy chunks travel in. A postcopy destination fills each
+/// page as it arrives, with no image digest to check (its `Commit`s carry none), so the pages
+/// must keep the per-record blake3 hashes of chunk format 2, which the destination's decoder
+/// checks per `Full` page: format 3 (protocol 3) drops them and rests on the digest instead.
+const POSTCOPY_MAX_VERSION: u16 = 2;
+
 /// An encoder that assumes the destination holds nothing, at `epoch`.
 fn fresh_encoder(pages: u32, epoch: u64, version: u16) -> EncoderState {
     EncoderState::from_tree(
         PageTree::from_hashes(vec![UNKNOWN; pages as usize]),
         epoch,
         EncoderConfig {
-            version,
+            version: version.min(POSTCOPY_MAX_VERSION),
             dedup: false,
             ..EncoderConfig::default()
         },

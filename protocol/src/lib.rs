@@ -21,6 +21,10 @@
 //! |---|---|
 //! | 1 | control messages as in [`message`]; chunk format 1 (records `Zero`, `Full`, `Ref`) |
 //! | 2 | chunk format 2 adds `Delta` records (XOR against the page's previous content); messages unchanged |
+//! | 3 | chunk format 3: records without the page's blake3 hash (5 bytes, `Ref` 9, instead of 44); the backup derives the hashes and the `Commit`'s image digest verifies them; messages unchanged |
+//!
+//! A version-2 frame carries chunk formats 1 and 2, a version-3 frame formats 1 to 3. Version 1
+//! is no longer spoken: its frames are refused (a `Hello` naming it gets a `Reject`).
 //!
 //! The memory stream (the chunk format, [`codec::CHUNK_FORMAT`]) is versioned on its own in every
 //! chunk header; the VM state blob in [`Commit`] is opaque bytes that the `vmm` crate versions.
@@ -115,9 +119,9 @@ pub use message::{
 };
 
 /// The protocol version this build speaks and sends.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still accepts (the previous one).
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// The most epochs a primary may have between capture and the backup's `Ack`. A primary sends
 /// chunks of epoch E only once epoch E - MAX_EPOCHS_IN_FLIGHT is acknowledged, and a backup

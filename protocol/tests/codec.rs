@@ -7,7 +7,8 @@ use common::{mutate_page, Link, Rng};
 use proptest::prelude::*;
 use understudy_protocol::codec::RecordKind;
 use understudy_protocol::{
-    ChunkDecoder, EncoderConfig, EpochAssembler, FrameDecoder, Message, Replica, PAGE_SIZE,
+    ChunkDecoder, EncoderConfig, EpochAssembler, FrameDecoder, Message, Replica,
+    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 fn config(version: u16, data_pages: u32, records: u32) -> EncoderConfig {
@@ -22,7 +23,8 @@ fn config(version: u16, data_pages: u32, records: u32) -> EncoderConfig {
 proptest! {
     #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
 
-    /// Random images, random dirty sets, many epochs, both chunk formats, tiny and normal
+    /// Random images, random dirty sets, many epochs, both spoken versions (chunk formats 2
+    /// and 3), tiny and normal
     /// chunks, 1 or 2 threads, shuffled chunk order: the backup ends equal to the primary and
     /// all three digests agree after every epoch.
     #[test]
@@ -30,7 +32,7 @@ proptest! {
         seed in any::<u64>(),
         pages in 1usize..80,
         epochs in 1usize..8,
-        version in 1u16..=2,
+        version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION,
         data_pages in prop_oneof![Just(1u32), Just(3), Just(64)],
         records in prop_oneof![Just(2u32), Just(5), Just(4096)],
         with_base in any::<bool>(),
@@ -47,9 +49,6 @@ proptest! {
             }
             let enc = link.encode(&dirty, with_base);
             prop_assert_eq!(enc.stats.pages, dirty.len() as u64);
-            if version == 1 {
-                prop_assert_eq!(enc.stats.delta, 0);
-            }
             let frames = enc.chunks.clone();
             let out = link.deliver(&enc, &frames, &mut rng);
             prop_assert!(out.is_ok(), "{:?}", out);
@@ -86,10 +85,14 @@ proptest! {
     /// that do not change the meaning (e.g. a Ref to another page with the same content), the
     /// backup still ends equal to the primary.
     #[test]
-    fn bit_flip_in_payload_never_corrupts(seed in any::<u64>(), bit in any::<u64>()) {
+    fn bit_flip_in_payload_never_corrupts(
+        seed in any::<u64>(),
+        bit in any::<u64>(),
+        version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION,
+    ) {
         let mut rng = Rng(seed);
         let pages = 24;
-        let mut link = Link::new(pages, config(2, 4, 4096));
+        let mut link = Link::new(pages, config(version, 4, 4096));
         let first: Vec<u32> = (0..pages as u32).collect();
         for &i in &first {
             mutate_page(&mut rng, &mut link.primary, i as usize, pages);
@@ -198,8 +201,8 @@ fn unchanged_pages_send_nothing_and_zero_pages_send_no_data() {
     link.primary[..PAGE_SIZE].fill(0);
     let enc = link.encode(&[0], false);
     assert_eq!(enc.stats.zero, 1);
-    // header 16 + chunk header 32 + one record 44, no data
-    assert_eq!(enc.stats.wire_bytes, 16 + 32 + 44);
+    // header 16 + chunk header 32 + one format-3 record of 5 bytes, no data (format 2: 44)
+    assert_eq!(enc.stats.wire_bytes, 16 + 32 + 5);
     let frames = enc.chunks.clone();
     link.deliver(&enc, &frames, &mut rng).unwrap();
     link.check_same();
@@ -207,26 +210,33 @@ fn unchanged_pages_send_nothing_and_zero_pages_send_no_data() {
 
 #[test]
 fn delta_is_used_for_small_edits_and_checked_against_the_held_page() {
-    let mut rng = Rng(3);
-    let mut link = Link::new(4, EncoderConfig::default());
-    rng.fill(&mut link.primary);
-    let enc = link.encode(&[0, 1, 2, 3], true);
-    let frames = enc.chunks.clone();
-    link.deliver(&enc, &frames, &mut rng).unwrap();
-    link.primary[100] ^= 0xff;
-    link.primary[PAGE_SIZE + 7] ^= 1;
-    let enc = link.encode(&[0, 1], true);
-    assert_eq!(enc.stats.delta, 2, "{:?}", enc.stats);
-    assert!(enc.stats.wire_bytes < 400, "{:?}", enc.stats);
-    // The backup's page 0 is not what the primary thinks: the delta must be refused.
-    let mut frames = enc.chunks.clone();
-    link.backup[5] ^= 1;
-    let r = link.deliver(&enc, &frames.clone(), &mut rng);
-    assert!(r.unwrap_err().contains("delta"));
-    link.backup[5] ^= 1;
-    frames.reverse();
-    link.deliver(&enc, &frames, &mut rng).unwrap();
-    link.check_same();
+    // Format 2 checks the Delta result against its record's hash, format 3 (no hashes) through
+    // the image digest: either way the epoch is refused whole.
+    for (version, why) in [(2, "delta"), (3, "digest")] {
+        let mut rng = Rng(3);
+        let mut link = Link::new(4, config(version, 64, 4096));
+        rng.fill(&mut link.primary);
+        let enc = link.encode(&[0, 1, 2, 3], true);
+        let frames = enc.chunks.clone();
+        link.deliver(&enc, &frames, &mut rng).unwrap();
+        link.primary[100] ^= 0xff;
+        link.primary[PAGE_SIZE + 7] ^= 1;
+        let enc = link.encode(&[0, 1], true);
+        assert_eq!(enc.stats.delta, 2, "{:?}", enc.stats);
+        assert!(enc.stats.wire_bytes < 400, "{:?}", enc.stats);
+        // The backup's page 0 is not what the primary thinks: the delta must be refused.
+        let mut frames = enc.chunks.clone();
+        link.backup[5] ^= 1;
+        let before = link.backup.clone();
+        let r = link.deliver(&enc, &frames.clone(), &mut rng);
+        let err = r.unwrap_err();
+        assert!(err.contains(why), "version {version}: {err}");
+        assert!(link.backup == before, "a refused epoch wrote to the image");
+        link.backup[5] ^= 1;
+        frames.reverse();
+        link.deliver(&enc, &frames, &mut rng).unwrap();
+        link.check_same();
+    }
 }
 
 #[test]

@@ -238,7 +238,7 @@ fn unknown_newer_version_gets_an_actionable_reject() {
     assert_eq!(r.code, RejectCode::Version);
     assert_eq!(
         r.reason,
-        "protocol version 7 is not supported by this backup (it speaks 1..2); upgrade the backup"
+        "protocol version 7 is not supported by this backup (it speaks 2..3); upgrade the backup"
     );
     // And through the wire, the Reject reaches the primary intact.
     let mut out = Vec::new();
@@ -256,20 +256,27 @@ fn version_ranges_negotiate_or_reject() {
         Message::Welcome(w) => w,
         other => panic!("{other:?}"),
     };
+    assert_eq!(w(answer_hello(&hello_for(1, 3), &end)).version, 3);
+    assert_eq!(w(answer_hello(&hello_for(2, 3), &end)).version, 3);
+    // A primary of the previous version: the session goes on at version 2 (downgrade).
     assert_eq!(w(answer_hello(&hello_for(1, 2), &end)).version, 2);
-    assert_eq!(w(answer_hello(&hello_for(1, 1), &end)).version, 1);
-    assert_eq!(w(answer_hello(&hello_for(2, 9), &end)).version, 2);
-    let r = reject_of(answer_hello(&hello_for(3, 5), &end));
+    assert_eq!(w(answer_hello(&hello_for(2, 2), &end)).version, 2);
+    assert_eq!(w(answer_hello(&hello_for(3, 9), &end)).version, 3);
+    let r = reject_of(answer_hello(&hello_for(4, 5), &end));
     assert!(
         r.reason
-            .contains("protocol versions 3..5 are not supported"),
+            .contains("protocol versions 4..5 are not supported"),
         "{}",
         r.reason
     );
     assert!(r.reason.ends_with("upgrade the backup"));
+    // Version 1 is no longer spoken.
+    let r = reject_of(answer_hello(&hello_for(1, 1), &end));
+    assert_eq!(r.code, RejectCode::Version);
+    assert!(r.reason.ends_with("upgrade the primary"), "{}", r.reason);
     let mut old_backup = backup_end();
-    old_backup.min_version = 2;
-    let r = reject_of(answer_hello(&hello_for(1, 1), &old_backup));
+    old_backup.min_version = 3;
+    let r = reject_of(answer_hello(&hello_for(2, 2), &old_backup));
     assert!(r.reason.ends_with("upgrade the primary"), "{}", r.reason);
 }
 
@@ -290,6 +297,12 @@ fn unsupported_frame_version_maps_to_reject() {
     );
     assert!(r.reason.contains("upgrade"));
     assert!(matches!(d.next(), Err(FrameError::Poisoned)));
+    // Version 1 is no longer spoken: its frames (but Hello) are refused the same way.
+    let mut bytes = Vec::new();
+    Message::Ack(Ack { epoch: 3 }).encode_version(1, &mut bytes);
+    let err = decode_frame(&bytes, &Limits::default()).unwrap_err();
+    assert!(matches!(err, FrameError::UnsupportedVersion { version: 1 }));
+    assert_eq!(err.reject().code, RejectCode::Version);
     // Version 0 is never valid, not even for Hello.
     let mut bytes = Vec::new();
     Message::Hello(hello_for(1, 2)).encode_version(0, &mut bytes);

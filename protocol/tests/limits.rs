@@ -147,6 +147,26 @@ proptest! {
         prop_assert!(largest < SMALL, "allocated {} for {:?}", largest, r);
     }
 
+    /// Format 3 (variable records): counts over the limits or not backed by the payload fail
+    /// before allocation too, whatever the records section holds.
+    #[test]
+    fn format_3_counts_are_bounded(
+        records in any::<u32>(),
+        data_pages in any::<u32>(),
+        body in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let limits = Limits { max_chunk_records: 1000, max_chunk_data_pages: 16, ..Limits::default() };
+        let mut p = chunk(&[], records, data_pages, &[], false);
+        p[0..2].copy_from_slice(&3u16.to_le_bytes());
+        p.extend_from_slice(&body);
+        let mut dec = ChunkDecoder::new(limits, 1 << 20);
+        let (r, largest) = largest_alloc(|| dec.decode(3, &p));
+        if records > 1000 || data_pages > 16 || records > 40 {
+            prop_assert!(r.is_err());
+        }
+        prop_assert!(largest < SMALL, "allocated {} for {:?}", largest, r);
+    }
+
     /// A frame header announcing up to 4 GiB allocates nothing for it.
     #[test]
     fn frame_length_is_checked_before_buffering(len in any::<u32>()) {

@@ -4,7 +4,9 @@
 //! [`EpochAssembler::commit`] checks, in order: the epoch follows the replica's; every chunk
 //! `0..chunk_count` is there and the record count matches; every page is written at most once;
 //! `Delta` results and `Ref` sources hash to their records' hashes (the `Ref` rule is in
-//! [`crate::codec`]); the new image digest equals the `Commit`'s. Only then does it write to the
+//! [`crate::codec`]); the new image digest equals the `Commit`'s. Records without a hash
+//! (chunk format 3) take the one derived here: a `Delta` the hash of its result, a `Ref` its
+//! source's final hash; for them the digest is the check. Only then does it write to the
 //! image: first `Zero`/`Full`/`Delta` pages, then `Ref` copies. A failed commit writes nothing
 //! and leaves the replica as it was.
 
@@ -157,6 +159,15 @@ pub enum ApplyError {
     /// A `Delta` that does not produce the content it claims (wrong base).
     #[error("page {0}: delta applied to the held content does not match its hash")]
     DeltaHash(u32),
+    /// A `Full` record without its data page.
+    #[error("page {0}: Full record without its data")]
+    MissingData(u32),
+    /// A `Zero` record that claims another hash than the zero page's.
+    #[error("page {0}: Zero record with another hash than the zero page's")]
+    ZeroHash(u32),
+    /// A record of kind `Invalid` (never decoded; only in a hand-built chunk).
+    #[error("page {0}: record of invalid kind")]
+    InvalidRecord(u32),
     /// The image digest after the epoch differs from the primary's.
     #[error("image digest after epoch {epoch} is {ours}, the primary's is {theirs}")]
     Digest {
@@ -371,30 +382,51 @@ impl EpochAssembler {
             *m = gen | (g as u64 + 1);
         }
 
-        // New hashes, verified; Delta results computed.
+        // New hashes, verified where the record carries one, derived where it does not;
+        // Delta results computed. First every record but `Ref`, then `Ref` from its source.
         let deltas = flat
             .iter()
             .filter(|(_, r)| r.kind == RecordKind::Delta)
             .count();
         let mut delta_buf = vec![0u8; deltas * PAGE_SIZE];
         let mut delta_slot = vec![0u32; flat.len()];
+        let mut hashes = vec![ZERO_PAGE_HASH; flat.len()];
         let mut next_delta = 0usize;
         let mut base = [0u8; PAGE_SIZE];
         for (g, (c, r)) in flat.iter().enumerate() {
-            if r.kind != RecordKind::Delta {
-                continue;
-            }
-            let xor = c.data_page(r.slot).ok_or(ApplyError::DeltaHash(r.page))?;
-            image.read_page(r.page, &mut base);
-            let out = &mut delta_buf[next_delta * PAGE_SIZE..(next_delta + 1) * PAGE_SIZE];
-            xor_pages(&base, xor, out);
-            if as_page(out).map(hash_page) != Some(r.hash) {
-                return Err(ApplyError::DeltaHash(r.page));
-            }
-            delta_slot[g] = next_delta as u32;
-            next_delta += 1;
+            hashes[g] = match r.kind {
+                RecordKind::Zero => match r.hash {
+                    Some(h) if h != ZERO_PAGE_HASH => return Err(ApplyError::ZeroHash(r.page)),
+                    _ => ZERO_PAGE_HASH,
+                },
+                RecordKind::Full => {
+                    let data = c.data_page(r.slot).ok_or(ApplyError::MissingData(r.page))?;
+                    match r.hash {
+                        // Verified against the data when the chunk was decoded.
+                        Some(h) => h,
+                        None => hash_page(data),
+                    }
+                }
+                RecordKind::Delta => {
+                    let xor = c.data_page(r.slot).ok_or(ApplyError::DeltaHash(r.page))?;
+                    image.read_page(r.page, &mut base);
+                    let out = &mut delta_buf[next_delta * PAGE_SIZE..(next_delta + 1) * PAGE_SIZE];
+                    xor_pages(&base, xor, out);
+                    let h = as_page(out)
+                        .map(hash_page)
+                        .ok_or(ApplyError::DeltaHash(r.page))?;
+                    if r.hash.is_some_and(|claimed| claimed != h) {
+                        return Err(ApplyError::DeltaHash(r.page));
+                    }
+                    delta_slot[g] = next_delta as u32;
+                    next_delta += 1;
+                    h
+                }
+                RecordKind::Ref => continue,
+                RecordKind::Invalid => return Err(ApplyError::InvalidRecord(r.page)),
+            };
         }
-        for (_, r) in &flat {
+        for (g, (_, r)) in flat.iter().enumerate() {
             if r.kind != RecordKind::Ref {
                 continue;
             }
@@ -406,23 +438,24 @@ impl EpochAssembler {
                             src: r.source,
                         })
                     }
-                    Some((_, s)) => Some(s.hash),
+                    Some(_) => hashes.get(sg).copied(),
                     None => None,
                 },
                 None => replica.tree.get(r.source).copied(),
             };
-            if expected != Some(r.hash) {
+            let Some(h) = expected.filter(|h| r.hash.is_none_or(|claimed| claimed == *h)) else {
                 return Err(ApplyError::RefHash {
                     page: r.page,
                     src: r.source,
                 });
-            }
+            };
+            hashes[g] = h;
         }
 
         // Digest check on the tree, undone on mismatch.
         let mut old = Vec::with_capacity(flat.len());
-        for (_, r) in &flat {
-            let prev = replica.tree.set(r.page, r.hash).unwrap_or(ZERO_PAGE_HASH);
+        for ((_, r), h) in flat.iter().zip(&hashes) {
+            let prev = replica.tree.set(r.page, *h).unwrap_or(ZERO_PAGE_HASH);
             old.push((r.page, prev));
         }
         let ours = replica.tree.digest();

@@ -2,14 +2,17 @@
 //! one [`ChunkDecoder`] per worker thread.
 //!
 //! Order of checks, each before anything is allocated for the next: header fields against
-//! [`Limits`]; the payload length against the declared record and compressed sizes; each record
-//! (kind, reserved bytes, page index in range, `Ref` source in range and not the page itself,
-//! `Zero` hash); the number of data pages; then decompression into a buffer of exactly
-//! `data_pages x 4096` bytes (so a zstd bomb fails instead of growing), and blake3 of every
-//! `Full` page against its record.
+//! [`Limits`]; the payload length against the declared record and compressed sizes (format 3,
+//! whose records vary in size: against the smallest and largest the records could take); each
+//! record (kind, reserved bytes, page index in range, `Ref` source in range and not the page
+//! itself, `Zero` hash); that the records fill their section exactly; the number of data pages;
+//! then decompression into a buffer of exactly `data_pages x 4096` bytes (so a zstd bomb fails
+//! instead of growing), and blake3 of every `Full` page: compared with its record in formats 1
+//! and 2, recorded as the page's hash in format 3 (checked through the image digest at commit).
 
 use super::{
-    as_page, chunk_format_allowed, RecordKind, CHUNK_HEADER_LEN, MIN_CHUNK_FORMAT, RECORD_LEN,
+    as_page, chunk_format_allowed, format_carries_hashes, max_record_len, min_record_len,
+    RecordKind, CHUNK_HEADER_LEN, MIN_CHUNK_FORMAT,
 };
 use crate::digest::{hash_page, PageHash, ZERO_PAGE_HASH};
 use crate::limits::{Limits, PAGE_SIZE};
@@ -132,8 +135,10 @@ pub struct DecodedRecord {
     pub kind: RecordKind,
     /// `Ref` source page (0 otherwise).
     pub source: u32,
-    /// blake3 of the page's new content.
-    pub hash: PageHash,
+    /// blake3 of the page's new content, as the record carries it (formats 1 and 2) or as
+    /// the decoder derived it (format 3: `Zero` and `Full`). `None` for format-3 `Delta` and
+    /// `Ref` records, whose hashes [`crate::EpochAssembler::commit`] derives.
+    pub hash: Option<PageHash>,
     /// For `Full`/`Delta`: index of its page in [`DecodedChunk::data`].
     pub slot: u32,
 }
@@ -252,32 +257,61 @@ impl ChunkDecoder {
                 what: "compressed data present without data pages, or missing",
             });
         }
-        let expected =
-            CHUNK_HEADER_LEN as u64 + u64::from(count) * RECORD_LEN as u64 + u64::from(clen);
-        if expected != payload.len() as u64 {
+        // The records section: all between the header and the zstd frame. Fixed records
+        // (formats 1, 2) must fill it exactly; format-3 records (5 or 9 bytes) must fit in it,
+        // and are checked to fill it exactly once read.
+        let actual = payload.len() as u64;
+        let fixed = CHUNK_HEADER_LEN as u64 + u64::from(clen);
+        let least = fixed + u64::from(count) * min_record_len(format) as u64;
+        let most = fixed + u64::from(count) * max_record_len(format) as u64;
+        if actual < least || actual > most {
             return Err(DecodeError::Length {
-                expected,
-                actual: payload.len() as u64,
+                expected: if actual < least { least } else { most },
+                actual,
             });
         }
+        let records_len = payload
+            .len()
+            .checked_sub(CHUNK_HEADER_LEN + clen as usize)
+            .ok_or(DecodeError::Truncated("records"))?;
+        let section = r
+            .bytes(records_len)
+            .ok_or(DecodeError::Truncated("records"))?;
+        let mut rr = Reader::new(section);
 
         // Records. `count` is bounded by the limit and by the payload length checked above.
         let mut records = Vec::with_capacity(count as usize);
         let mut slots = 0u32;
+        let carries_hashes = format_carries_hashes(format);
         for index in 0..count {
-            let rec = r
-                .bytes(RECORD_LEN)
-                .ok_or(DecodeError::Truncated("records"))?;
-            let mut rr = Reader::new(rec);
-            let page = rr.u32().ok_or(DecodeError::Truncated("records"))?;
-            let kind_byte = rr.u8().ok_or(DecodeError::Truncated("records"))?;
-            let res = rr.array::<3>().ok_or(DecodeError::Truncated("records"))?;
-            let source = rr.u32().ok_or(DecodeError::Truncated("records"))?;
-            let hash = rr.array::<32>().ok_or(DecodeError::Truncated("records"))?;
-            let kind = RecordKind::from_wire(kind_byte, format).ok_or(DecodeError::Kind {
-                index,
-                kind: kind_byte,
-            })?;
+            let (page, kind_byte, res, source, hash, kind);
+            if carries_hashes {
+                page = rr.u32().ok_or(DecodeError::Truncated("records"))?;
+                kind_byte = rr.u8().ok_or(DecodeError::Truncated("records"))?;
+                res = rr.array::<3>().ok_or(DecodeError::Truncated("records"))?;
+                source = rr.u32().ok_or(DecodeError::Truncated("records"))?;
+                hash = Some(rr.array::<32>().ok_or(DecodeError::Truncated("records"))?);
+                kind = RecordKind::from_wire(kind_byte, format).ok_or(DecodeError::Kind {
+                    index,
+                    kind: kind_byte,
+                })?;
+            } else {
+                kind_byte = rr.u8().ok_or(DecodeError::Truncated("records"))?;
+                kind = RecordKind::from_wire(kind_byte, format).ok_or(DecodeError::Kind {
+                    index,
+                    kind: kind_byte,
+                })?;
+                page = rr.u32().ok_or(DecodeError::Truncated("records"))?;
+                source = if kind == RecordKind::Ref {
+                    rr.u32().ok_or(DecodeError::Truncated("records"))?
+                } else {
+                    0
+                };
+                res = [0; 3];
+                // Zero: the zero page's; Full: filled in after decompression; Delta and Ref:
+                // derived at commit.
+                hash = (kind == RecordKind::Zero).then_some(ZERO_PAGE_HASH);
+            }
             if u64::from(page) >= self.image_pages {
                 return Err(DecodeError::PageOutOfRange {
                     index,
@@ -308,7 +342,7 @@ impl ChunkDecoder {
                         what: "source set on a record that is not a Ref",
                     })
                 }
-                RecordKind::Zero if hash != ZERO_PAGE_HASH => {
+                RecordKind::Zero if hash != Some(ZERO_PAGE_HASH) => {
                     return Err(DecodeError::Record {
                         index,
                         page,
@@ -329,6 +363,12 @@ impl ChunkDecoder {
                 source,
                 hash,
                 slot,
+            });
+        }
+        if rr.remaining() != 0 {
+            return Err(DecodeError::Length {
+                expected: actual - rr.remaining() as u64,
+                actual,
             });
         }
         if slots != data_pages {
@@ -367,14 +407,19 @@ impl ChunkDecoder {
                     actual: n,
                 });
             }
-            for rec in records.iter().filter(|r| r.kind == RecordKind::Full) {
+            for rec in records.iter_mut().filter(|r| r.kind == RecordKind::Full) {
                 let start = rec.slot as usize * PAGE_SIZE;
                 let page = data
                     .get(start..)
                     .and_then(as_page)
                     .ok_or(DecodeError::Truncated("data"))?;
-                if hash_page(page) != rec.hash {
-                    return Err(DecodeError::Hash { page: rec.page });
+                let computed = hash_page(page);
+                match rec.hash {
+                    Some(h) if h != computed => {
+                        return Err(DecodeError::Hash { page: rec.page });
+                    }
+                    Some(_) => {}
+                    None => rec.hash = Some(computed),
                 }
             }
         }

@@ -16,8 +16,8 @@ use std::io::Cursor;
 use std::ops::Range;
 
 use super::{
-    chunk_format_for, differing_words, is_zero_page, xor_pages, RecordKind, CHUNK_HEADER_LEN,
-    RECORD_LEN,
+    chunk_format_for, differing_words, format_carries_hashes, is_zero_page, max_record_len,
+    xor_pages, RecordKind, CHUNK_HEADER_LEN,
 };
 use crate::digest::{hash_page, Digest, PageHash, PageTree, ZERO_PAGE_HASH};
 use crate::frame::{begin_frame, finish_frame, FrameKind};
@@ -152,7 +152,8 @@ fn summarize(p: &DirtyPage<'_>) -> PageSummary {
 /// Encoder settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncoderConfig {
-    /// Protocol version negotiated in `Welcome` (1 disables `Delta`).
+    /// Protocol version negotiated in `Welcome`: it picks the chunk format
+    /// ([`super::chunk_format_for`]; 1 disables `Delta`, 3 drops the hashes from records).
     pub version: u16,
     /// zstd level (1 is the measured sweet spot; negative levels are faster and larger).
     pub zstd_level: i32,
@@ -706,7 +707,8 @@ impl EpochPlan {
         put_u32(out, 0);
         put_u32(out, 0);
         debug_assert_eq!(out.len() - frame_start, 16 + CHUNK_HEADER_LEN);
-        out.reserve(records.len() * RECORD_LEN);
+        out.reserve(records.len() * max_record_len(format));
+        let with_hash = format_carries_hashes(format);
         let scratch = &mut compressor.scratch;
         scratch.clear();
         for r in records {
@@ -721,11 +723,20 @@ impl EpochPlan {
             if page.index != index {
                 return Err(EncodeError::PagesChanged);
             }
-            put_u32(out, index);
-            out.push(r.kind as u8);
-            out.extend_from_slice(&[0, 0, 0]);
-            put_u32(out, r.source);
-            out.extend_from_slice(hash);
+            if with_hash {
+                put_u32(out, index);
+                out.push(r.kind as u8);
+                out.extend_from_slice(&[0, 0, 0]);
+                put_u32(out, r.source);
+                out.extend_from_slice(hash);
+            } else {
+                // Format 3: the backup derives the hash; the encoder keeps it for dedup.
+                out.push(r.kind as u8);
+                put_u32(out, index);
+                if r.kind == RecordKind::Ref {
+                    put_u32(out, r.source);
+                }
+            }
             match r.kind {
                 RecordKind::Full => scratch.extend_from_slice(page.data),
                 RecordKind::Delta => {

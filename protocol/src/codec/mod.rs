@@ -11,9 +11,17 @@
 //! | `Ref` (3) | the content is held by another page `source` (rule below) | `source` |
 //! | `Delta` (4, format 2) | few bytes changed and the caller passed the previous content | `page XOR previous`, compressed like `Full` |
 //!
-//! Every record carries the blake3 hash of the page's new content. The decoder verifies it for
-//! `Full` pages as soon as a chunk is decoded, for `Delta` and `Ref` pages at commit, and checks
-//! that `Zero` records carry the hash of the zero page: nothing unverified reaches the image.
+//! In formats 1 and 2 every record carries the blake3 hash of the page's new content. The
+//! decoder verifies it for `Full` pages as soon as a chunk is decoded, for `Delta` and `Ref`
+//! pages at commit, and checks that `Zero` records carry the hash of the zero page.
+//!
+//! Format 3 records carry no hash (32 of the 44 bytes of a format-2 record): the backup derives
+//! each page's hash itself, `Full` from the decompressed data, `Zero` as the zero page's,
+//! `Delta` from the result of the XOR and `Ref` from its source's final content, both at commit.
+//! Verification then rests on the `Commit`'s image digest (the Merkle root over all page
+//! hashes, [`crate::digest`]), which [`EpochAssembler::commit`] checks *before* it writes
+//! anything: a damaged or forged epoch is refused whole, with the image and the replica as they
+//! were. Either way nothing unverified reaches the image.
 //!
 //! ## The `Ref` rule
 //! `Ref(source)` for page `p` in epoch `E` means: *page `p` gets the content that page `source`
@@ -37,16 +45,21 @@
 //!  | format | flags  | seq    | epoch u64      | records  | data_pages | compressed_len | reserved |
 //!  | u16    | u16=0  | u32    |                | u32      | u32        | u32            | u32 = 0  |
 //!  +--------+--------+--------+----------------+----------+------------+----------------+----------+
-//!  | records x 44 bytes:                                                                         |
+//!  | format 1, 2: records x 44 bytes:                                                            |
 //!  |   page u32 | kind u8 | reserved [u8; 3] = 0 | source u32 (Ref, else 0) | blake3 hash [32]    |
+//!  | format 3: records of 5 bytes (Ref: 9), no padding:                                          |
+//!  |   kind u8 | page u32 | source u32 (Ref only)                                               |
 //!  +----------------------------------------------------------------------------------------------+
 //!  | one zstd frame of compressed_len bytes, decompressing to exactly data_pages x 4096 bytes:    |
 //!  | the Full and Delta payloads in record order (empty when data_pages = 0)                       |
 //!  +----------------------------------------------------------------------------------------------+
 //! ```
-//! The payload ends exactly after the zstd frame. `format` is the memory-stream version:
-//! 1 (`Zero`, `Full`, `Ref`) or 2 (adds `Delta`). A frame of protocol version 1 carries format 1
-//! only; version 2 carries 1 or 2. The encoder puts about 64 data pages (256 KiB) in a chunk.
+//! The payload ends exactly after the zstd frame, so in format 3 the records section is the
+//! `payload - 32 - compressed_len` bytes between header and data, and its `records` records
+//! must fill it exactly. `format` is the memory-stream version: 1 (`Zero`, `Full`, `Ref`),
+//! 2 (adds `Delta`) or 3 (as 2, records without hashes). A frame of protocol version 2 carries
+//! formats 1 or 2; version 3 carries 1, 2 or 3 (a frame never carries a format newer than its
+//! version). The encoder puts about 64 data pages (256 KiB) in a chunk.
 
 mod apply;
 mod decode;
@@ -62,24 +75,58 @@ pub use encode::{
 use crate::limits::{Page, PAGE_SIZE};
 
 /// Current memory-stream (chunk) format.
-pub const CHUNK_FORMAT: u16 = 2;
+pub const CHUNK_FORMAT: u16 = 3;
 /// Oldest chunk format still decoded.
 pub const MIN_CHUNK_FORMAT: u16 = 1;
 /// Size of the chunk header.
 pub const CHUNK_HEADER_LEN: usize = 32;
-/// Size of one record.
+/// Size of one record in chunk formats 1 and 2 (format 3: [`record_len`]).
 pub const RECORD_LEN: usize = 44;
+/// Size of a format-3 record without a source (`Zero`, `Full`, `Delta`).
+pub const RECORD_LEN_V3: usize = 5;
+/// Size of a format-3 `Ref` record.
+pub const REF_RECORD_LEN_V3: usize = 9;
 
-/// The chunk format an encoder uses for protocol `version`.
-pub fn chunk_format_for(version: u16) -> u16 {
-    if version >= 2 {
-        2
-    } else {
-        1
+/// Size of a record of `kind` in chunk `format`.
+pub fn record_len(format: u16, kind: RecordKind) -> usize {
+    match (format >= 3, kind) {
+        (false, _) => RECORD_LEN,
+        (true, RecordKind::Ref) => REF_RECORD_LEN_V3,
+        (true, _) => RECORD_LEN_V3,
     }
 }
 
-/// Whether a frame of protocol `version` may carry a chunk of `format`.
+/// The smallest record of chunk `format` (so `records x min_record_len` bounds a chunk's
+/// records section from below).
+pub fn min_record_len(format: u16) -> usize {
+    if format >= 3 {
+        RECORD_LEN_V3
+    } else {
+        RECORD_LEN
+    }
+}
+
+/// The largest record of chunk `format`.
+pub fn max_record_len(format: u16) -> usize {
+    if format >= 3 {
+        REF_RECORD_LEN_V3
+    } else {
+        RECORD_LEN
+    }
+}
+
+/// Whether records of chunk `format` carry the blake3 hash of their page (formats 1 and 2).
+pub fn format_carries_hashes(format: u16) -> bool {
+    format < 3
+}
+
+/// The chunk format an encoder uses for protocol `version`.
+pub fn chunk_format_for(version: u16) -> u16 {
+    version.clamp(MIN_CHUNK_FORMAT, CHUNK_FORMAT)
+}
+
+/// Whether a frame of protocol `version` may carry a chunk of `format`: a known format no newer
+/// than the version (version 2: formats 1 and 2; version 3: 1, 2 and 3).
 pub fn chunk_format_allowed(version: u16, format: u16) -> bool {
     (MIN_CHUNK_FORMAT..=CHUNK_FORMAT).contains(&format) && format <= version
 }
