@@ -378,11 +378,14 @@ pub struct BackupArgs {
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
     /// CPU priority (nice, 0-19) of the backup's replication work: receiving, decoding and
-    /// applying epochs, heartbeats. The default 10 keeps it below the VMs of this host, which
-    /// it would otherwise preempt for tens of milliseconds during a full sync. A VM this backup
-    /// starts (promotion, postcopy) runs its vCPUs at the priority the process started with;
-    /// after a promotion with --protect-to, the re-protection's threads keep this value.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    /// applying epochs, heartbeats. 10 keeps it below the VMs of this host (at 0 it preempted
+    /// a guest on the same 2-core host for 16-23 ms at a time during a full sync, at 10 for
+    /// 5-9 ms), but on a busy host the backup then syncs and recovers more slowly (a restarted
+    /// backup's resync, a move's full sync), so the default is 0. A VM this backup starts
+    /// (promotion, postcopy) runs its vCPUs at the priority the process started with, and the
+    /// persist writer keeps it too; after a promotion with --protect-to, the re-protection's
+    /// threads run at this value.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     nice: i32,
     /// The VM this backup protects; a primary for another VM id is refused.
     #[arg(long, default_value = "vm-1")]

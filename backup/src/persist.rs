@@ -374,6 +374,7 @@ impl Persister {
         dir: &Path,
         pages: u64,
         resumed: Option<&Loaded>,
+        starter: Option<&crate::VmThread>,
     ) -> Result<Persister, PersistError> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let failed = Arc::new(Mutex::new(None));
@@ -383,26 +384,32 @@ impl Persister {
             w.resume(l)?;
         }
         let f = Arc::clone(&failed);
-        std::thread::Builder::new()
-            .name("persist".into())
-            .spawn(move || {
-                for m in rx {
-                    let r = match m {
-                        Msg::Record(r) => w.append(r),
-                        Msg::Reset => w.reset(),
-                        Msg::Flush(done) => {
-                            let _ = done.send(());
-                            Ok(())
-                        }
-                    };
-                    if let Err(e) = r {
-                        error!(error = %e, "persisting the image failed; it is no longer kept on disk");
-                        *f.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                        return;
+        // From the start thread when there is one: at the process's original priority.
+        let run = move || {
+            for m in rx {
+                let r = match m {
+                    Msg::Record(r) => w.append(r),
+                    Msg::Reset => w.reset(),
+                    Msg::Flush(done) => {
+                        let _ = done.send(());
+                        Ok(())
                     }
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "persisting the image failed; it is no longer kept on disk");
+                    *f.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    return;
                 }
-            })
-            .map_err(io("starting the writer for", dir))?;
+            }
+        };
+        match starter {
+            Some(t) => t.spawn_thread("persist", run),
+            None => std::thread::Builder::new()
+                .name("persist".into())
+                .spawn(run)
+                .map(drop),
+        }
+        .map_err(io("starting the writer for", dir))?;
         Ok(Persister { tx, failed })
     }
 
@@ -637,7 +644,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut truth = Mem(vec![0; PAGES as usize * PAGE_SIZE]);
-        let p = Persister::start(d, PAGES, None).unwrap();
+        let p = Persister::start(d, PAGES, None, None).unwrap();
         p.reset();
         let mut want = None;
         for e in 1..=5 {
@@ -670,7 +677,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut truth = Mem(vec![0; PAGES as usize * PAGE_SIZE]);
-        let p = Persister::start(d, PAGES, None).unwrap();
+        let p = Persister::start(d, PAGES, None, None).unwrap();
         p.reset();
         for e in 1..=3 {
             p.record(epoch(e, &mut truth));

@@ -506,11 +506,16 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     let persister = match &cfg.image_dir {
         None => None,
         Some(dir) => {
-            let p = crate::persist::Persister::start(dir, pages, resumed.as_ref().map(|(l, _)| l))
-                .map_err(|e| SessionError::Apply {
-                    epoch: 0,
-                    reason: format!("cannot keep the image in {}: {e}", dir.display()),
-                })?;
+            let p = crate::persist::Persister::start(
+                dir,
+                pages,
+                resumed.as_ref().map(|(l, _)| l),
+                cfg.vm_thread.as_deref(),
+            )
+            .map_err(|e| SessionError::Apply {
+                epoch: 0,
+                reason: format!("cannot keep the image in {}: {e}", dir.display()),
+            })?;
             if resumed.is_none() {
                 p.reset();
             }

@@ -1,13 +1,16 @@
 //! The thread that starts this process's VMs.
 //!
 //! Linux keeps a nice value per thread and a new thread inherits its creator's. The backup's
-//! replication work (receiving, decoding and applying epochs) runs below normal priority
-//! (`understudy backup --nice`, 10 by default), so that on a host that also runs VMs it takes
-//! the CPU only when they leave it: on our 2-core bench host, the backup's threads at nice 0
-//! preempted the source guest's vCPU for 16-23 ms at a time during a move's full sync, against
-//! 5-9 ms at nice 10. A VM this backup starts (a promotion, a postcopy destination) must not
+//! replication work (receiving, decoding and applying epochs) can run below normal priority
+//! (`understudy backup --nice N`), so that on a host that also runs VMs it takes the CPU only
+//! when they leave it: on our 2-core bench host, the backup's threads at nice 0 preempted the
+//! source guest's vCPU for 16-23 ms at a time during a move's full sync, against 5-9 ms at 10. A VM this backup starts (a promotion, a postcopy destination) must not
 //! inherit that priority, and raising a thread's priority again needs CAP_SYS_NICE. So its
-//! vCPU threads are started from this thread, made before the process lowered its priority.
+//! vCPU threads are started from this thread, made before the process lowered its priority,
+//! and so are two threads whose lag costs more than their CPU: the postcopy fault thread (a
+//! guest waits on each answer) and the persist writer (the image on disk would trail the hot
+//! one: a CI run at nice 10 kept a backup's disk image at epoch 1 after 1.5 s of protection).
+//! Without `--nice` the thread changes nothing.
 
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -33,6 +36,28 @@ impl VmThread {
         Ok(VmThread {
             jobs: Mutex::new(tx),
         })
+    }
+
+    /// Starts a thread named `name` running `f` from this thread, so that it keeps the
+    /// original priority too; returns once it is started.
+    pub fn spawn_thread(
+        &self,
+        name: &str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let name = name.to_string();
+        let job: Job = Box::new(move || {
+            let r = std::thread::Builder::new().name(name).spawn(f).map(drop);
+            let _ = tx.send(r);
+        });
+        let ended = || std::io::Error::other("the VM start thread has ended");
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| ended())?;
+        rx.recv().map_err(|_| ended())?
     }
 
     /// Runs `f` on the thread and returns its result.
