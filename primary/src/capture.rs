@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use understudy_protocol::{MemoryLayout, Region, PAGE_SIZE};
 use understudy_vmm::guests::layout::PROGRESS_GPA;
-use understudy_vmm::{HugeBuffer, RegionSpec, Vm};
+use understudy_vmm::{RegionSpec, Vm};
 
 use crate::resync::ResyncBook;
 use crate::session::PrimaryError;
@@ -94,40 +94,50 @@ const MAX_POOLED_STAGING: usize = 16384 * PAGE_SIZE;
 /// Copying dirty pages into a fresh allocation page-faults on every page of it, inside the
 /// pause (it was three quarters of the capture time at ~2k pages per epoch). Buffers come back
 /// here when their epoch has been encoded and keep their pages mapped, so a capture copies into
-/// memory that is already faulted in. They are anonymous huge-page memory ([`HugeBuffer`]):
-/// a fresh one faults in 2 MiB at a time, and a move frees them (they hold guest pages) inside
-/// its eviction time, where 256 MiB of 4 KiB pages took the host about 17 ms.
+/// memory that is already faulted in.
 #[derive(Clone, Default)]
 pub(crate) struct StagingPool(Arc<Mutex<PoolInner>>);
 
 #[derive(Default)]
 struct PoolInner {
-    bufs: Vec<HugeBuffer>,
+    bufs: Vec<Vec<u8>>,
     large: bool,
 }
 
 impl StagingPool {
     /// A buffer of at least `len` bytes; only growth beyond earlier epochs faults new pages.
-    fn take(&self, len: usize) -> Result<Staging, PrimaryError> {
-        let pooled = self.0.lock().unwrap_or_else(|e| e.into_inner()).bufs.pop();
-        let buf = match pooled {
-            _ if len == 0 => None,
-            Some(b) if b.len() >= len => Some(b),
-            _ => Some(
-                HugeBuffer::new(len)
-                    .map_err(|source| PrimaryError::Staging { bytes: len, source })?,
-            ),
-        };
-        Ok(Staging {
+    fn take(&self, len: usize) -> Staging {
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bufs
+            .pop()
+            .unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Staging {
             buf,
             len,
             pool: self.clone(),
-        })
+        }
+    }
+
+    /// Frees every pooled buffer (they hold copies of guest pages): a move calls it as its
+    /// VM leaves this host, inside the eviction time.
+    pub(crate) fn clear(&self) {
+        let freed = {
+            let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            p.large = false;
+            std::mem::take(&mut p.bufs)
+        };
+        drop(freed);
     }
 
     /// Large mode keeps sync-sized buffers between takes; leaving it frees them here.
     fn set_large(&self, large: bool) {
-        let freed: Vec<HugeBuffer> = {
+        let freed: Vec<Vec<u8>> = {
             let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
             p.large = large;
             if large {
@@ -146,27 +156,23 @@ impl StagingPool {
 
 /// A staging buffer; the first `len` bytes are the epoch's pages. Returns to its pool on drop.
 pub(crate) struct Staging {
-    /// `None` for an empty epoch.
-    buf: Option<HugeBuffer>,
+    buf: Vec<u8>,
     len: usize,
     pool: StagingPool,
 }
 
 impl Staging {
     pub fn bytes(&self) -> &[u8] {
-        self.buf.as_deref().map_or(&[], |b| &b[..self.len])
+        &self.buf[..self.len]
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        self.buf.as_deref_mut().map_or(&mut [], |b| &mut b[..len])
+        &mut self.buf[..self.len]
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        let Some(buf) = self.buf.take() else {
-            return;
-        };
+        let buf = std::mem::take(&mut self.buf);
         let mut pool = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
         // In-flight epochs bound how many buffers exist; keep a few spare, free the rest (the
         // buffer drops after the lock guard).
@@ -331,7 +337,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                 Captured {
                     epoch,
                     indices: pages.clone(),
-                    pages: ctl.staging.take(0)?,
+                    pages: ctl.staging.take(0),
                     state: Vec::new(),
                     zeroes: true,
                     clock: 0,
@@ -352,7 +358,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     for batch_pages in order.chunks(batch as usize) {
         let slot = take_slot_or_fence(vm, ctl)?;
         let n = batch_pages.len();
-        let mut pages = ctl.staging.take(n * PAGE_SIZE)?;
+        let mut pages = ctl.staging.take(n * PAGE_SIZE);
         let indices: Vec<u32> = batch_pages.to_vec();
         for (i, buf) in indices
             .iter()
@@ -414,7 +420,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
     };
     // Sync-sized buffers go now, not inside a pause. A move keeps them: its final epoch is the
     // next capture, which copies into one of them instead of faulting in fresh memory inside
-    // the pause, and they go with the session.
+    // the pause; they go when the VM does (`StagingPool::clear`).
     if !moving {
         ctl.staging.set_large(false);
     }
@@ -442,7 +448,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
         crate::KillAt::check(ctl.kill_at, crate::KillPhase::Capture, epoch + 1);
         let count = dirty.count();
         let mut indices = Vec::with_capacity(count);
-        let mut pages = ctl.staging.take(count * PAGE_SIZE)?;
+        let mut pages = ctl.staging.take(count * PAGE_SIZE);
         for (gpa, buf) in dirty
             .pages()
             .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))
@@ -542,7 +548,7 @@ fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, Pri
             Some(s) => s,
             None => take_slot_or_fence(vm, ctl)?,
         };
-        let mut pages = ctl.staging.take(part.len() * PAGE_SIZE)?;
+        let mut pages = ctl.staging.take(part.len() * PAGE_SIZE);
         for (&(gpa, _), buf) in part
             .iter()
             .zip(pages.bytes_mut().chunks_exact_mut(PAGE_SIZE))

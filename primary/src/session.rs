@@ -55,12 +55,6 @@ pub enum PrimaryError {
     Vm(#[from] VmError),
     #[error("reading guest memory")]
     Memory(#[from] understudy_vmm::memory::MemoryError),
-    #[error("allocating {bytes} bytes to stage captured pages (is the host out of memory?)")]
-    Staging {
-        bytes: usize,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("encoding an epoch")]
     Encode(#[from] understudy_protocol::EncodeError),
     #[error("writing the dump")]
@@ -885,6 +879,8 @@ async fn protect(
             // here after this drop, which ends the eviction time.
             let vm_left = if ok {
                 drop(vm);
+                // The staging pool's buffers hold copies of guest pages too.
+                shared.staging.clear();
                 shared.wait_cache_freed();
                 None
             } else {
