@@ -529,9 +529,9 @@ pub fn backup(args: BackupArgs) -> Result<i32> {
         protect_to: std::sync::Mutex::new(protect_to),
         status,
         console_file: console_file(args.console_file.as_deref())?,
-        vm_thread: Some(std::sync::Arc::new(
+        vm_thread: std::sync::Arc::new(
             understudy_backup::VmThread::start().context("starting the VM start thread")?,
-        )),
+        ),
     };
     // Every thread made from here on (the runtime's) inherits the lower priority; the VM
     // start thread above keeps the original one for the vCPUs.

@@ -198,10 +198,10 @@ pub(crate) async fn take_over(
         .take();
     let logging = reprotect.is_some();
     // On the VM start thread: the vCPU threads inherit its normal priority.
-    let (vm, gate, epoch) = match crate::vmthread::run_vm_job(cfg.vm_thread.as_deref(), move || {
-        promote(&held2, gate, logging)
-    })
-    .await
+    let (vm, gate, epoch) = match cfg
+        .vm_thread
+        .run(move || promote(&held2, gate, logging))
+        .await
     {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {

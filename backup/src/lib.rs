@@ -66,7 +66,7 @@ pub struct BackupConfig {
     /// After a promotion, also write console bytes at their stream offsets here (the file the
     /// primary writes: each byte ends up in it once).
     pub console_file: Option<understudy_vmm::ConsoleFile>,
-    /// Where VMs are started (promotion, postcopy destination), when the process runs its
-    /// replication work below normal priority; `None`: on the blocking pool.
-    pub vm_thread: Option<std::sync::Arc<VmThread>>,
+    /// Where VMs are started (promotion, postcopy destination): a thread at the priority the
+    /// process started with, whatever `--nice` did to the rest.
+    pub vm_thread: std::sync::Arc<VmThread>,
 }

@@ -97,14 +97,15 @@ pub(crate) async fn serve(
         let out = out_tx.clone();
         // The guest waits on this thread's answers: it starts from the VM start thread, at the
         // priority the VM's vCPUs get.
-        crate::vmthread::run_vm_job(vm_thread.as_deref(), move || {
-            std::thread::Builder::new()
-                .name("postcopy-faults".into())
-                .spawn(move || fault_loop(&lazy, &times, &stop, &out))
-        })
-        .await
-        .map_err(SessionError::Link)?
-        .map_err(|e| SessionError::Link(e.to_string()))?
+        vm_thread
+            .run(move || {
+                std::thread::Builder::new()
+                    .name("postcopy-faults".into())
+                    .spawn(move || fault_loop(&lazy, &times, &stop, &out))
+            })
+            .await
+            .map_err(SessionError::Link)?
+            .map_err(|e| SessionError::Link(e.to_string()))?
     };
     let result = run(
         conn,
@@ -115,7 +116,7 @@ pub(crate) async fn serve(
         &out_tx,
         limits,
         failure_timeout,
-        vm_thread.as_deref(),
+        &vm_thread,
     )
     .await;
     stop_faults.store(true, Ordering::SeqCst);
@@ -208,7 +209,7 @@ async fn run(
     out: &mpsc::UnboundedSender<Message>,
     limits: &Limits,
     failure_timeout: Duration,
-    vm_thread: Option<&crate::VmThread>,
+    vm_thread: &crate::VmThread,
 ) -> Result<Vm, SessionError> {
     // Chunks: decode and verify off the runtime, then write each page once.
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<u64, String>>(64);
@@ -309,7 +310,7 @@ async fn run(
                             let gate = OutputGate::passthrough(Box::new(std::io::stdout()));
                             let t = Instant::now();
                             let mem = Arc::clone(&memory);
-                            let v = crate::vmthread::run_vm_job(vm_thread, move || Vm::restore(mem, &state, gate, false, false))
+                            let v = vm_thread.run(move || Vm::restore(mem, &state, gate, false, false))
                                 .await
                                 .map_err(SessionError::Link)?
                                 .map_err(|e| SessionError::Apply { epoch: c.epoch, reason: format!("restoring the VM: {e}") })?;

@@ -510,7 +510,7 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
                 dir,
                 pages,
                 resumed.as_ref().map(|(l, _)| l),
-                cfg.vm_thread.as_deref(),
+                Some(&cfg.vm_thread),
             )
             .map_err(|e| SessionError::Apply {
                 epoch: 0,

@@ -79,20 +79,6 @@ impl VmThread {
     }
 }
 
-/// Runs `f` on `vm_thread` if there is one, else on the blocking pool (a process that did not
-/// lower its priority).
-pub(crate) async fn run_vm_job<R: Send + 'static>(
-    vm_thread: Option<&VmThread>,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> Result<R, String> {
-    match vm_thread {
-        Some(t) => t.run(f).await,
-        None => tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +113,5 @@ mod tests {
             vcpu_like, base,
             "threads started by a VM job keep the original priority"
         );
-        assert_eq!(run_vm_job(None, || 7).await, Ok(7));
     }
 }
