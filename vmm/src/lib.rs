@@ -30,6 +30,8 @@ pub use uffd::{Fault, LazyMemory, UffdError};
 pub use vcpu::ExitReason;
 pub use vm::{Boot, PauseProfile, PreparedRestore, VcpuPauseProfile, Vm, VmConfig, VmError};
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 /// Ends this process at once with SIGKILL, as a host failure would (drills and tests use it to
 /// kill a primary at an exact point of an epoch).
 pub fn sigkill_self() -> ! {
@@ -46,15 +48,64 @@ pub fn sigkill_self() -> ! {
 /// the process (the vCPU threads above all) as it was. Raising the priority again needs
 /// CAP_SYS_NICE, so a caller should only lower it.
 pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
-    let nice = nice.clamp(0, 19);
+    set_this_thread_nice(nice.clamp(0, 19))
+}
+
+/// The nice value vCPU threads started from now on take (0 = they keep their creator's).
+static VCPU_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Runs every vCPU thread this process starts from now on at CPU priority `nice` (-20..=19;
+/// below 0 is above normal), so that the guest keeps its CPU against the process's own
+/// replication work and anything else at normal priority on the host. 0 leaves vCPU threads
+/// at their creator's priority.
+///
+/// Raising a thread above 0 needs CAP_SYS_NICE (or a matching RLIMIT_NICE): a probe thread
+/// tries `nice` first, and on failure this returns its error and changes nothing.
+pub fn set_vcpu_nice(nice: i32) -> std::io::Result<()> {
+    if !(-20..=19).contains(&nice) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("nice {nice} is out of range (-20..=19)"),
+        ));
+    }
+    if nice != 0 {
+        std::thread::Builder::new()
+            .name("nice-probe".into())
+            .spawn(move || set_this_thread_nice(nice))?
+            .join()
+            .map_err(|_| std::io::Error::other("the priority probe thread panicked"))??;
+    }
+    VCPU_NICE.store(nice, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The priority [`set_vcpu_nice`] set (0 if never called).
+pub fn vcpu_nice() -> i32 {
+    VCPU_NICE.load(Ordering::Relaxed)
+}
+
+/// setpriority(2) on the calling thread; `nice` must be in -20..=19.
+fn set_this_thread_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: gettid(2) has no preconditions and no memory effects.
     let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority(2) on our own thread id with a value in 0..=19 only changes this
+    // SAFETY: setpriority(2) on our own thread id with a value in -20..=19 only changes this
     // thread's scheduling weight; it touches no memory.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
     if rc == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Applies [`set_vcpu_nice`]'s value to the calling (vCPU) thread. The value was probed when
+/// it was set; a failure now (the process dropped the capability since) leaves the thread at
+/// its creator's priority, which is where it would be without the setting.
+pub(crate) fn apply_vcpu_nice() {
+    let nice = vcpu_nice();
+    if nice != 0 {
+        if let Err(e) = set_this_thread_nice(nice) {
+            tracing::warn!(error = %e, nice, "cannot set the vCPU thread's CPU priority; it keeps its creator's");
+        }
     }
 }

@@ -245,7 +245,10 @@ impl VcpuHandle {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_thread(fd, env, &s))?;
+            .spawn(move || {
+                crate::apply_vcpu_nice();
+                run_thread(fd, env, &s)
+            })?;
         Ok(VcpuHandle {
             shared,
             thread: Some(thread),
