@@ -480,7 +480,7 @@ fn print_report(admin: SocketAddr, code: u16, body: &str, json: bool) -> Result<
 pub fn describe_move(r: &MigrationReport) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
     format!(
-        "{} {}: {}\n  downtime {}  eviction {}  wire {:.1} MB  rounds {}  final pages {}  delta pages {}  guest throughput {}  VM lost if a host fails: {}",
+        "{} {}: {}\n  downtime {}  eviction {}  wire {:.1} MB  rounds {}  final pages {}{}  delta pages {}  guest throughput {}  VM lost if a host fails: {}",
         r.algorithm,
         if r.ok { "done" } else { "FAILED" },
         r.message,
@@ -489,6 +489,8 @@ pub fn describe_move(r: &MigrationReport) -> String {
         r.wire_bytes as f64 / 1e6,
         r.rounds,
         r.final_pages,
+        r.tail_pages
+            .map_or(String::new(), |t| format!(" (after a live tail of {t})")),
         r.delta_pages,
         r.throughput_ratio.map_or("-".into(), |t| format!("x{t:.2}")),
         if r.vm_lost_if_a_host_fails { "yes" } else { "no" },

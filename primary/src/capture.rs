@@ -671,7 +671,20 @@ fn live_rounds(
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 if plan.evict.load(Ordering::SeqCst) {
-                    tracing::info!("eviction asked for: pausing and shipping the last dirty pages");
+                    // The tail: what the guest dirtied since the last snapshot goes out live,
+                    // so the pause only waits for what it dirties while the tail ships.
+                    tracing::info!(
+                        "eviction asked for: shipping the pages dirtied since the last snapshot live (the tail)"
+                    );
+                    let t0 = Instant::now();
+                    let tail = live_round(vm, ctl, epoch)?;
+                    wait_acked(ctl, *epoch)?;
+                    record(&|r| r.tail_pages = Some(tail));
+                    tracing::info!(
+                        tail_pages = tail,
+                        tail_ms = t0.elapsed().as_secs_f64() * 1e3,
+                        "tail acknowledged: pausing the guest for the pages it dirtied meanwhile"
+                    );
                     break;
                 }
                 let t0 = Instant::now();

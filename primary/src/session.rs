@@ -798,6 +798,44 @@ pub async fn protect_running(
     protect(vm, gate, None, &endpoint, cfg, guard).await
 }
 
+/// Collects the ended encoder thread: its page tree goes to the resync book, and its delta
+/// cache is freed on a thread of its own.
+fn finish_encoder(
+    handle: Option<
+        std::thread::JoinHandle<Result<(understudy_protocol::PageTree, BaseCache), PrimaryError>>,
+    >,
+    sh: &Shared,
+) {
+    let Some(handle) = handle else { return };
+    // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
+    // state is not trusted: the next session is then a full sync).
+    let (tree, cache) = match handle.join().ok().and_then(Result::ok) {
+        Some((tree, cache)) => (Some(tree), Some(cache)),
+        None => (None, None),
+    };
+    if let Some(cache) = cache.filter(BaseCache::enabled) {
+        sh.wait_cache_freed();
+        let freeing = std::thread::Builder::new()
+            .name("cache-free".into())
+            .spawn(move || {
+                // Below everything else: a move's hand-over runs meanwhile.
+                let _ = understudy_vmm::set_thread_nice(19);
+                drop(cache);
+                metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
+            });
+        match freeing {
+            Ok(h) => {
+                *sh.cache_freed.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+            }
+            Err(e) => warn!(error = %e, "cannot start a thread to free the delta cache"),
+        }
+    }
+    sh.book
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .session_ended(tree);
+}
+
 /// Sessions with backups, one after another, with unprotected stretches between them.
 async fn protect(
     mut vm: Vm,
@@ -1482,33 +1520,7 @@ async fn session(
         }
     };
     drop(halt);
-    // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
-    // state is not trusted: the next session is then a full sync).
-    let (tree, cache) = match encoder_handle.join().ok().and_then(Result::ok) {
-        Some((tree, cache)) => (Some(tree), Some(cache)),
-        None => (None, None),
-    };
-    if let Some(cache) = cache.filter(BaseCache::enabled) {
-        sh.wait_cache_freed();
-        let freeing = std::thread::Builder::new()
-            .name("cache-free".into())
-            .spawn(move || {
-                // Below everything else: a move's hand-over runs meanwhile.
-                let _ = understudy_vmm::set_thread_nice(19);
-                drop(cache);
-                metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
-            });
-        match freeing {
-            Ok(h) => {
-                *sh.cache_freed.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
-            }
-            Err(e) => warn!(error = %e, "cannot start a thread to free the delta cache"),
-        }
-    }
-    sh.book
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .session_ended(tree);
+    let mut encoder_handle = Some(encoder_handle);
     let end = match end {
         Ok(end) => end,
         Err(e) => {
@@ -1525,6 +1537,7 @@ async fn session(
                 e
             };
             let fatal = matches!(cause, PrimaryError::Vm(_) | PrimaryError::Memory(_));
+            finish_encoder(encoder_handle.take(), sh);
             conn.close(1, "session ended");
             stats.last_acked = last_acked.load(Ordering::SeqCst);
             let end = if fatal {
@@ -1560,10 +1573,14 @@ async fn session(
         "protection stopped"
     );
     if cfg.switchover.requested() || moving {
+        // The guest is paused until the destination runs it: the encoder's wrap-up (its page
+        // tree, a few ms for 1 GiB) waits until after the hand-over.
         let report = hand_over(&conn, &tx, &end, stats.last_acked, sh).await;
         acks.abort();
+        finish_encoder(encoder_handle.take(), sh);
         return (vm, Ok(SessionEnd::HandedOver(report)), stats);
     }
+    finish_encoder(encoder_handle.take(), sh);
     let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,

@@ -636,8 +636,12 @@ fn ours_inner(
     row.whole_move_ms = Some(whole.as_secs_f64() * 1e3);
     row.wire_bytes = report["wire_bytes"].as_u64();
     row.vm_lost_if_a_host_fails = report["vm_lost_if_a_host_fails"].as_bool();
+    let tail = match report["tail_pages"].as_u64() {
+        Some(t) => format!(", after a live tail of {t}"),
+        None => String::new(),
+    };
     row.note = format!(
-        "{} rounds, {} final pages, {} pages as deltas; destination setup {} ms",
+        "{} rounds, {} final pages{tail}, {} pages as deltas; destination setup {} ms",
         report["rounds"],
         report["final_pages"],
         report["delta_pages"],

@@ -31,7 +31,11 @@ fn vcpu_threads_run_at_the_set_priority() {
     }
     assert!(understudy_vmm::set_vcpu_nice(20).is_err());
     assert!(understudy_vmm::set_vcpu_nice(-21).is_err());
-    assert_eq!(understudy_vmm::vcpu_nice(), 0, "a refused value changes nothing");
+    assert_eq!(
+        understudy_vmm::vcpu_nice(),
+        0,
+        "a refused value changes nothing"
+    );
     if let Err(e) = understudy_vmm::set_vcpu_nice(-5) {
         panic!("this test needs CAP_SYS_NICE (run it as root) to raise a thread's priority: {e}");
     }
@@ -58,6 +62,10 @@ fn vcpu_threads_run_at_the_set_priority() {
     // The rest of the process is left as it was.
     let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
     let rest = &me[me.rfind(')').unwrap() + 2..];
-    assert_eq!(rest.split(' ').nth(16), Some("0"), "the test thread's nice value");
+    assert_eq!(
+        rest.split(' ').nth(16),
+        Some("0"),
+        "the test thread's nice value"
+    );
     drop(vm);
 }
