@@ -64,7 +64,7 @@ pub struct MigrateBenchArgs {
     /// Guest dirty rates in pages/s, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,10000,30000")]
     rates: Vec<u64>,
-    /// Our algorithms (names as `understudy migrate --algorithm` takes them).
+    /// Our algorithms (names as `understudy migrate --algorithm` takes them); empty = QEMU only.
     #[arg(long, value_delimiter = ',', default_value = "precopy,quick-eviction")]
     algorithms: Vec<String>,
     /// QEMU's modes (as `migrate.py --modes` takes them); empty = ours only.
@@ -908,7 +908,7 @@ pub fn run(args: MigrateBenchArgs) -> Result<i32> {
     let qemu_out = tmp.path().join("qemu.jsonl");
     let mut rows = Vec::new();
     for &rate in &a.rates {
-        for alg in &a.algorithms {
+        for alg in a.algorithms.iter().filter(|a| !a.is_empty()) {
             eprintln!("bench migrate: rate {rate}: understudy {alg} ...");
             let r = ours(&setup, rate, alg, keep.as_deref());
             eprintln!("  {r:?}");
