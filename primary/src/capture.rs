@@ -202,6 +202,9 @@ pub(crate) struct Captured {
     pub captured_at: Instant,
     /// Holds one of the `max_in_flight` slots until the backup acknowledges the epoch.
     pub slot: OwnedSemaphorePermit,
+    /// The session's last epoch (the guest stays paused): the encoder sends it and ends at
+    /// once, leaving its wrap-up until after the hand-over.
+    pub last: bool,
 }
 
 /// What the capture thread needs.
@@ -343,6 +346,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                     clock: 0,
                     captured_at: Instant::now(),
                     slot,
+                    last: false,
                 },
             )?;
             pages.clone()
@@ -379,6 +383,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                 clock: 0,
                 captured_at: Instant::now(),
                 slot,
+                last: false,
             },
         )?;
         done += n as u32;
@@ -506,6 +511,7 @@ pub(crate) fn capture_loop(vm: &mut Vm, ctl: &CaptureCtl) -> Result<CaptureEnd, 
                 clock,
                 captured_at: t0,
                 slot,
+                last,
             },
         )?;
         if last {
@@ -528,6 +534,7 @@ fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, Pri
     let mut slot = Some(take_slot_or_fence(vm, ctl)?);
     let t0 = Instant::now();
     let dirty = vm.take_dirty()?;
+    let dirty_read = t0.elapsed();
     let count = dirty.count();
     let all: Vec<(u64, u32)> = dirty
         .pages()
@@ -567,9 +574,16 @@ fn live_round(vm: &mut Vm, ctl: &CaptureCtl, epoch: &mut u64) -> Result<u64, Pri
                 clock,
                 captured_at: t0,
                 slot,
+                last: false,
             },
         )?;
     }
+    tracing::debug!(
+        pages = count,
+        dirty_read_us = dirty_read.as_micros() as u64,
+        read_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "live round read"
+    );
     Ok(count as u64)
 }
 

@@ -166,7 +166,7 @@ fn encoder_thread(
             captured_at: c.captured_at,
             slot: c.slot,
         };
-        if tx.blocking_send(out).is_err() {
+        if tx.blocking_send(out).is_err() || c.last {
             break;
         }
         // Off the epoch's path: what the backup holds once this epoch commits is the base of
@@ -176,6 +176,9 @@ fn encoder_thread(
             metrics::gauge!("understudy_delta_cache_bytes").set(cache.bytes() as f64);
         }
     }
+    // The session waits for this channel to end before it hands a paused guest over: close it
+    // before the wrap-up (cloning the page tree takes milliseconds at 1 GiB).
+    drop(tx);
     Ok((encoder.tree().clone(), cache))
 }
 
@@ -805,6 +808,7 @@ fn finish_encoder(
         std::thread::JoinHandle<Result<(understudy_protocol::PageTree, BaseCache), PrimaryError>>,
     >,
     sh: &Shared,
+    moved: bool,
 ) {
     let Some(handle) = handle else { return };
     // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
@@ -818,8 +822,11 @@ fn finish_encoder(
         let freeing = std::thread::Builder::new()
             .name("cache-free".into())
             .spawn(move || {
-                // Below everything else: a move's hand-over runs meanwhile.
-                let _ = understudy_vmm::set_thread_nice(19);
+                // After a move the VM is gone and the eviction time ends when this is done;
+                // otherwise the guest runs on, and this goes below everything else.
+                if !moved {
+                    let _ = understudy_vmm::set_thread_nice(19);
+                }
                 drop(cache);
                 metrics::gauge!("understudy_delta_cache_bytes").set(0.0);
             });
@@ -1537,7 +1544,7 @@ async fn session(
                 e
             };
             let fatal = matches!(cause, PrimaryError::Vm(_) | PrimaryError::Memory(_));
-            finish_encoder(encoder_handle.take(), sh);
+            finish_encoder(encoder_handle.take(), sh, false);
             conn.close(1, "session ended");
             stats.last_acked = last_acked.load(Ordering::SeqCst);
             let end = if fatal {
@@ -1577,10 +1584,10 @@ async fn session(
         // tree, a few ms for 1 GiB) waits until after the hand-over.
         let report = hand_over(&conn, &tx, &end, stats.last_acked, sh).await;
         acks.abort();
-        finish_encoder(encoder_handle.take(), sh);
+        finish_encoder(encoder_handle.take(), sh, report.ok);
         return (vm, Ok(SessionEnd::HandedOver(report)), stats);
     }
-    finish_encoder(encoder_handle.take(), sh);
+    finish_encoder(encoder_handle.take(), sh, false);
     let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,
