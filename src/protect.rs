@@ -111,34 +111,37 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The default of `--vcpu-nice`.
-pub const DEFAULT_VCPU_NICE: i32 = -5;
+/// The default of `--vcpu-nice` for a VM that runs unprotected (a primary without `--backup`).
+pub const STANDALONE_VCPU_NICE: i32 = -5;
 
-/// `--vcpu-nice`: the guest's CPU priority on this host (primary and backup alike, since a
-/// backup runs the VM after a promotion or a move).
+/// `--vcpu-nice`: the guest's CPU priority on this host.
 #[derive(Args, Clone, Copy)]
 pub struct VcpuArgs {
-    /// CPU priority (nice, -20..=19) of the guest's vCPU threads. Below 0 the guest wins the
-    /// CPU over this node's own replication work (full syncs, moves, re-protection) and over
-    /// anything else at normal priority on the host, instead of stalling behind it: on a
-    /// 2-core host a move's full sync kept a spinning guest off the CPU for 17-25 ms at a time
-    /// at 0, and for at most 7 ms at -5. Replication, heartbeats and leases still get their
-    /// share (a nice-0 thread gets a quarter of a core next to a busy vCPU at -5). Needs
-    /// CAP_SYS_NICE (root has it); without it the vCPUs run at 0 and a warning says so.
-    /// 0 treats the vCPUs like any other thread.
-    #[arg(long, default_value_t = DEFAULT_VCPU_NICE, allow_hyphen_values = true,
-          value_parser = clap::value_parser!(i32).range(-20..=19))]
-    pub vcpu_nice: i32,
+    /// CPU priority (nice, -20..=19) of the guest's vCPU threads. Default: -5 for a VM without
+    /// --backup (it runs unprotected until it is moved), 0 for a protected VM and on a backup.
+    /// Below 0 the guest wins the CPU over this node's replication work and anything else at
+    /// normal priority: on a 2-core host a move's full sync kept a spinning guest off the CPU
+    /// for 17-25 ms at a time at 0, and for at most ~7-9 ms at -5. A protected VM stays at 0 by
+    /// default because its heartbeats and lease renewals must not wait behind busy vCPUs on a
+    /// host short of CPU (a node that misses them is fenced or taken over), and because its
+    /// epochs then stretch and its pauses grow (unpaced guest: 35 ms p50 at -5, 18 ms at 0).
+    /// Raising a priority needs CAP_SYS_NICE (root has it); without it the vCPUs run at the
+    /// process's priority and a warning says so.
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub vcpu_nice: Option<i32>,
 }
 
 impl VcpuArgs {
-    /// Sets the priority for every vCPU thread this process starts; warns and goes on at 0
-    /// when the process may not raise it.
-    pub fn apply(self) {
-        if let Err(e) = understudy_vmm::set_vcpu_nice(self.vcpu_nice) {
+    /// Sets the priority for every vCPU thread this process starts (`protected`: the VM has a
+    /// backup, or this is one); warns and goes on at the process's priority when it may not.
+    pub fn apply(self, protected: bool) {
+        let nice = self
+            .vcpu_nice
+            .unwrap_or(if protected { 0 } else { STANDALONE_VCPU_NICE });
+        if let Err(e) = understudy_vmm::set_vcpu_nice(nice) {
             tracing::warn!(
                 error = %e,
-                vcpu_nice = self.vcpu_nice,
+                vcpu_nice = nice,
                 "cannot run the vCPUs at this priority (raising it needs CAP_SYS_NICE): they run at the process's priority; pass --vcpu-nice 0 to silence this"
             );
         }
@@ -289,7 +292,7 @@ fn parse_on_backup_loss(s: &str) -> Result<understudy_primary::OnBackupLoss, Str
 pub fn primary(args: PrimaryArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
-    args.vcpu.apply();
+    args.vcpu.apply(args.backup.is_some());
     crate::metrics::zero_counters(&[
         "understudy_epochs_total",
         "understudy_fenced_total",
@@ -419,8 +422,8 @@ pub struct BackupArgs {
     /// a guest on the same 2-core host for 16-23 ms at a time during a full sync, at 10 for
     /// 5-9 ms), but on a busy host the backup then syncs and recovers more slowly (a restarted
     /// backup's resync, a move's full sync), so the default is 0. A VM this backup starts
-    /// (promotion, postcopy) runs its vCPUs at --vcpu-nice (at 0: at the priority the process
-    /// started with), and the persist writer keeps the process's original priority; after a promotion with --protect-to, the re-protection's
+    /// (promotion, postcopy) runs its vCPUs at --vcpu-nice (at 0, the default: at the priority
+    /// the process started with), and the persist writer keeps the process's original priority; after a promotion with --protect-to, the re-protection's
     /// threads run at this value.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     nice: i32,
@@ -530,7 +533,7 @@ fn reprotect_config(
 pub fn backup(args: BackupArgs) -> Result<i32> {
     let _ = &args.config;
     crate::metrics::install(args.metrics)?;
-    args.vcpu.apply();
+    args.vcpu.apply(true);
     crate::metrics::zero_counters(&[
         "understudy_epochs_total",
         "understudy_promotions_total",

@@ -668,12 +668,6 @@ fn reference_epoch(vm: &mut Vm) -> Result<RefEpoch> {
 }
 
 fn run_reference(s: &Setup, case: Case) -> Result<Baseline> {
-    // The same vCPU priority as the primary's (its default), so the baseline's guest competes
-    // for the CPU as the protected one does.
-    crate::protect::VcpuArgs {
-        vcpu_nice: crate::protect::DEFAULT_VCPU_NICE,
-    }
-    .apply();
     let workload = s.workload(case.rate)?;
     let mut cfg = VmConfig::new(s.memory_bytes);
     cfg.dirty_logging = true;
