@@ -211,8 +211,10 @@ async fn run(
     failure_timeout: Duration,
     vm_thread: &crate::VmThread,
 ) -> Result<Vm, SessionError> {
-    // Chunks: decode and verify off the runtime, then write each page once.
+    // Chunks: decode and verify off the runtime (one per core at a time, next to the running
+    // guest), then write each page once.
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<u64, String>>(64);
+    let fillers = crate::session::decode_slots();
     let receiver = {
         let conn = conn.clone();
         let limits = limits.clone();
@@ -224,16 +226,19 @@ async fn run(
                     Ok(r) => r,
                     Err(_) => return,
                 };
-                let (chunk_tx, limits, lazy, times) = (
+                let (chunk_tx, limits, lazy, times, fillers) = (
                     chunk_tx.clone(),
                     limits.clone(),
                     Arc::clone(&lazy),
                     Arc::clone(&times),
+                    Arc::clone(&fillers),
                 );
                 tokio::spawn(async move {
                     let r = async {
                         let chunk = crate::session::read_chunk(&mut reader, &limits).await?;
+                        let slot = fillers.acquire_owned().await.map_err(|e| e.to_string())?;
                         tokio::task::spawn_blocking(move || {
+                            let _slot = slot;
                             fill_chunk(&chunk, &limits, &lazy, &times)
                         })
                         .await

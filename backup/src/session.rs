@@ -334,6 +334,14 @@ pub(crate) fn now_unix_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Chunks decoded (or, in postcopy, filled) at once: one per core. More only adds threads to
+/// tokio's blocking pool, each new one preempting whatever runs on the host.
+pub(crate) fn decode_slots() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    ))
+}
+
 /// Reads the one chunk frame a uni stream carries.
 pub(crate) async fn read_chunk(
     reader: &mut understudy_transport::FrameReader,
@@ -546,8 +554,12 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let acks = tokio::spawn(ack_delayer(out_tx.clone(), ack_rx, cfg.ack_journal.clone()));
 
-    // Chunks: each uni stream carries one chunk frame; decode and verify off the runtime.
+    // Chunks: each uni stream carries one chunk frame; decode and verify off the runtime, at
+    // most one chunk per core at a time. Unbounded, a burst of chunks grew tokio's blocking
+    // pool by dozens of new threads within a millisecond, which on a shared host preempted
+    // everything else there (a guest's vCPU for 10 ms and more).
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<DecodedChunk, String>>(64);
+    let decoders = decode_slots();
     let receiver = {
         let conn = conn.clone();
         let limits = limits.clone();
@@ -559,10 +571,13 @@ async fn serve(cfg: &BackupConfig, conn: &Connection) -> Result<Ended, SessionEr
                 };
                 let chunk_tx = chunk_tx.clone();
                 let limits = limits.clone();
+                let decoders = Arc::clone(&decoders);
                 tokio::spawn(async move {
                     let decoded = async {
                         let chunk = read_chunk(&mut reader, &limits).await?;
+                        let slot = decoders.acquire_owned().await.map_err(|e| e.to_string())?;
                         tokio::task::spawn_blocking(move || {
+                            let _slot = slot;
                             ChunkDecoder::new(limits, pages)
                                 .decode_frame(&chunk)
                                 .map_err(|e| format!("chunk of epoch {} refused: {e}", chunk.epoch))
