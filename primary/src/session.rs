@@ -804,13 +804,12 @@ pub async fn protect_running(
 /// Collects the ended encoder thread: its page tree goes to the resync book, and its delta
 /// cache is freed on a thread of its own.
 fn finish_encoder(
-    handle: Option<
-        std::thread::JoinHandle<Result<(understudy_protocol::PageTree, BaseCache), PrimaryError>>,
+    handle: std::thread::JoinHandle<
+        Result<(understudy_protocol::PageTree, BaseCache), PrimaryError>,
     >,
     sh: &Shared,
     moved: bool,
 ) {
-    let Some(handle) = handle else { return };
     // What the encoder sent is what a backup that keeps its image holds (a failed encoder's
     // state is not trusted: the next session is then a full sync).
     let (tree, cache) = match handle.join().ok().and_then(Result::ok) {
@@ -1527,7 +1526,6 @@ async fn session(
         }
     };
     drop(halt);
-    let mut encoder_handle = Some(encoder_handle);
     let end = match end {
         Ok(end) => end,
         Err(e) => {
@@ -1544,7 +1542,7 @@ async fn session(
                 e
             };
             let fatal = matches!(cause, PrimaryError::Vm(_) | PrimaryError::Memory(_));
-            finish_encoder(encoder_handle.take(), sh, false);
+            finish_encoder(encoder_handle, sh, false);
             conn.close(1, "session ended");
             stats.last_acked = last_acked.load(Ordering::SeqCst);
             let end = if fatal {
@@ -1584,10 +1582,10 @@ async fn session(
         // tree, a few ms for 1 GiB) waits until after the hand-over.
         let report = hand_over(&conn, &tx, &end, stats.last_acked, sh).await;
         acks.abort();
-        finish_encoder(encoder_handle.take(), sh, report.ok);
+        finish_encoder(encoder_handle, sh, report.ok);
         return (vm, Ok(SessionEnd::HandedOver(report)), stats);
     }
-    finish_encoder(encoder_handle.take(), sh, false);
+    finish_encoder(encoder_handle, sh, false);
     let mut tx = tx.lock().await;
     let _ = messages::send(
         &mut tx,
